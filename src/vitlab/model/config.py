@@ -1,0 +1,160 @@
+"""`ViTConfig`, the one dataclass that describes a Vision Transformer, and the variant table.
+
+Variants are decoded big_vision style from ONE table: "Ti/4" means the Ti width/depth/heads/MLP
+row with 4x4 patches; "seed" is the tutorial model (48 wide, 4 deep, 4 heads, MLP 192, 32x32, /4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from vitlab.errors import VitlabError
+
+POS_EMBEDS = ("learned", "sincos2d", "none")
+POOLINGS = ("cls", "gap", "map")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+# name -> (width, depth, heads, mlp_dim). big_vision's table plus the tutorial's "seed".
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "seed": (48, 4, 4, 192),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+    "So400m": (1152, 27, 16, 4304),
+}
+# Defaults a variant brings besides its row (the seed model is the tutorial's 32x32 /4 model).
+VARIANT_DEFAULTS: dict[str, dict] = {"seed": {"image_size": 32, "patch_size": 4, "num_classes": 10}}
+
+
+@dataclass
+class ViTConfig:
+    """Everything that shapes a VisionTransformer. Field names follow timm where one exists."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000  # 0: no classifier, forward returns pooled features
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    pos_embed: str = "learned"  # learned | sincos2d | none
+    pos_embed_prefix: bool = True  # learned positions also cover class/register tokens (timm default)
+    class_token: bool = True
+    reg_tokens: int = 0
+    pooling: str = "cls"  # cls | gap | map
+    dropout: float = 0.0  # after embeddings, attention projection and MLP (ViT paper)
+    attn_dropout: float = 0.0
+    head_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the last block, linear from 0
+    layerscale_init: float | None = None  # LayerScale (CaiT) gamma init; None: off
+    norm_eps: float = 1e-6
+    activation: str = "gelu"  # gelu | gelu_tanh | quick_gelu
+    pre_norm: bool = False  # LayerNorm before the encoder (CLIP)
+    final_norm: bool = True
+    fc_norm: bool | None = None  # norm after pooling instead of before; None: on for gap (timm)
+    patch_bias: bool | None = None  # None: bias unless pre_norm (timm, CLIP)
+    pre_logits_dim: int = 0  # >0: Linear+tanh between pooling and head (HF ViTModel pooler)
+    name: str = field(default="", compare=False)  # variant string it was made from, informative only
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.pooling == "gap" if self.fc_norm is None else self.fc_norm
+
+    @property
+    def use_patch_bias(self) -> bool:
+        return not self.pre_norm if self.patch_bias is None else self.patch_bias
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise VitlabError(f"invalid ViTConfig: {msg}")
+
+        for k in ("image_size", "patch_size", "in_channels", "width", "depth", "heads", "mlp_dim"):
+            need(int(getattr(self, k)) > 0, f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(self.reg_tokens >= 0, f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        need(self.width % self.heads == 0,
+             f"width {self.width} is not divisible by heads {self.heads}; change width or heads")
+        need(self.image_size % self.patch_size == 0,
+             f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+             f"use an image size that is a multiple of {self.patch_size}")
+        need(self.pos_embed in POS_EMBEDS, f"pos_embed {self.pos_embed!r} unknown; choose one of {POS_EMBEDS}")
+        need(self.pooling in POOLINGS, f"pooling {self.pooling!r} unknown; choose one of {POOLINGS}")
+        need(self.activation in ACTIVATIONS,
+             f"activation {self.activation!r} unknown; choose one of {ACTIVATIONS}")
+        need(self.pooling != "cls" or self.class_token, "pooling 'cls' needs class_token=True")
+        for k in ("dropout", "attn_dropout", "head_dropout", "drop_path"):
+            need(0.0 <= getattr(self, k) < 1.0, f"{k} must be in [0, 1), got {getattr(self, k)}")
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+
+    # ---- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type", "architectures", "vitlab_version", "id2label", "label2id"})
+        if unknown:
+            raise VitlabError(f"unknown ViTConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_VARIANT_RE = re.compile(r"^(?P<name>[A-Za-z0-9]+?)(?:/(?P<patch>\d+))?$")
+
+
+def list_variants() -> list[str]:
+    return list(VARIANTS)
+
+
+def parse_variant(variant: str, **overrides) -> ViTConfig:
+    """Decode "Ti/4", "B/16", "seed" (+ keyword overrides) into a ViTConfig."""
+    m = _VARIANT_RE.match(variant.strip())
+    if not m or m["name"] not in VARIANTS:
+        raise VitlabError(
+            f"unknown model variant {variant!r}; use NAME or NAME/PATCH with NAME in {list(VARIANTS)}, e.g. 'Ti/4'"
+        )
+    width, depth, heads, mlp_dim = VARIANTS[m["name"]]
+    kw: dict = dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim)
+    kw.update(VARIANT_DEFAULTS.get(m["name"], {}))
+    if m["patch"]:
+        kw["patch_size"] = int(m["patch"])
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise VitlabError(f"unknown ViTConfig fields {bad}; known fields: {sorted(known)}")
+    kw.update(overrides)
+    kw.setdefault("name", variant)
+    return ViTConfig(**kw)
