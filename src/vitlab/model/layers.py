@@ -37,11 +37,31 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | 
     return scores.softmax(dim=-1)
 
 
+def _explicit_is_faster(q: torch.Tensor) -> bool:
+    """On CPU, the fused (flash) SDPA backward in bf16 is ~9x slower than in fp32 (torch 2.14,
+    Sapphire Rapids, 65 tokens): explicit bf16 matmuls + softmax train Ti/4 ~1.7x faster (RESULTS.md)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v by the fastest route for this device and dtype."""
+    if not _explicit_is_faster(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask.to(scores.dtype)
+    probs = scores.softmax(dim=-1)
+    return F.dropout(probs, dropout_p, training=dropout_p > 0) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
-    The default path calls `F.scaled_dot_product_attention` (fused kernels); with `return_attention`
-    it computes softmax(QK^T/sqrt(d))V explicitly so the probabilities can be returned.
+    The default path calls `sdpa` (fused `scaled_dot_product_attention` unless explicit matmuls are
+    faster on the device); with `return_attention` it computes softmax(QK^T/sqrt(d))V in fp32 so the
+    probabilities can be returned.
     """
 
     def __init__(self, dim: int, *, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -65,7 +85,7 @@ class Attention(nn.Module):
             probs = attention_probs(q, k, attn_mask)  # (B, H, N, N)
             out = F.dropout(probs, drop, self.training).to(v.dtype) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+            out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj_drop(self.proj(out)), probs
 
@@ -164,7 +184,7 @@ class MAPHead(nn.Module):
             probs = attention_probs(q, k)  # (B, H, 1, N)
             out = probs.to(v.dtype) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = sdpa(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
         out = out + self.mlp(self.norm(out))
         return out[:, 0], probs  # (B, D)
