@@ -10,11 +10,13 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, check_fields
 
 POS_EMBEDS = ("learned", "sincos2d", "none")
 POOLINGS = ("cls", "gap", "map")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+# keys config.json may hold beside the ViTConfig fields (Hugging Face style metadata)
+CONFIG_JSON_EXTRAS = ("model_type", "architectures", "vitlab_version", "id2label", "label2id")
 
 # name -> (width, depth, heads, mlp_dim). big_vision's table plus the tutorial's "seed".
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -125,11 +127,8 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"model_type", "architectures", "vitlab_version", "id2label", "label2id"})
-        if unknown:
-            raise VitlabError(f"unknown ViTConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        check_fields(cls, d, "ViTConfig", ignore=CONFIG_JSON_EXTRAS)
+        return cls(**{k: v for k, v in d.items() if k not in CONFIG_JSON_EXTRAS})
 
 
 _VARIANT_RE = re.compile(r"^(?P<name>[A-Za-z0-9]+?)(?:/(?P<patch>\d+))?$")
@@ -151,10 +150,7 @@ def parse_variant(variant: str, **overrides) -> ViTConfig:
     kw.update(VARIANT_DEFAULTS.get(m["name"], {}))
     if m["patch"]:
         kw["patch_size"] = int(m["patch"])
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise VitlabError(f"unknown ViTConfig fields {bad}; known fields: {sorted(known)}")
+    check_fields(ViTConfig, overrides, "ViTConfig")
     kw.update(overrides)
     kw.setdefault("name", variant)
     return ViTConfig(**kw)
