@@ -1,0 +1,143 @@
+"""Batched evaluation (loss, top-1, top-5, per-class accuracy, confusion matrix) and its figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from vitlab.data import load_dataset, normalize
+from vitlab.errors import VitlabError
+from vitlab.speed import autocast
+from vitlab.train.metrics import pyplot, save_figure
+from vitlab.train.predict import load_run
+from vitlab.train.recipes import RUN_CONFIG
+from vitlab.train.runtime import resolve_device
+from vitlab.weights import read_json, write_json
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy against the hard labels
+    top1: float  # fractions in [0, 1]
+    top5: float  # top-min(5, K)
+    count: int
+    confusion: torch.Tensor  # (K, K) int64, rows = true class, columns = predicted
+
+    @property
+    def per_class(self) -> list[float]:
+        """Recall of each class (diagonal over row sums); NaN for a class with no samples."""
+        c = self.confusion.double()
+        return (c.diagonal() / c.sum(1)).tolist()
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}loss": self.loss, f"{prefix}top1": self.top1, f"{prefix}top5": self.top5}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean: tuple[float, ...],
+             std: tuple[float, ...], num_classes: int, batch_size: int = 1000,
+             device: torch.device | str = "cpu", precision: str = "fp32", image_size: int | None = None,
+             progress: bool = False, desc: str = "eval") -> EvalResult:
+    """Evaluate on uint8 images (N, 3, H, W): normalise only (the eval transform), no augmentation.
+
+    `image_size`: resize (bicubic, antialiased) when the model expects another size than the data has.
+    The model is put in eval mode and returned to its previous mode afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    loss_sum, top1, topk, n = 0.0, 0, 0, labels.shape[0]
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    try:
+        for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+            x = normalize(images[i:i + batch_size].to(device), mean, std)  # (B, 3, H, W) float
+            if image_size is not None and x.shape[-1] != image_size:
+                x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True)
+            y = labels[i:i + batch_size].to(device)
+            with autocast(precision, device):
+                logits = model(x)
+            logits = logits.float()  # (B, K)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            pred = logits.topk(k, dim=1).indices  # (B, k)
+            top1 += (pred[:, 0] == y).sum().item()
+            topk += (pred == y[:, None]).any(1).sum().item()
+            confusion += torch.bincount(y * num_classes + pred[:, 0], minlength=num_classes * num_classes)
+    finally:
+        model.train(was_training)
+    n = max(n, 1)
+    return EvalResult(loss_sum / n, top1 / n, topk / n, labels.shape[0],
+                      confusion.view(num_classes, num_classes).cpu())
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path, *, title: str) -> Path | None:
+    """Row-normalised confusion matrix with class names on both axes; None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    c = confusion.double()
+    frac = (c / c.sum(1, keepdim=True).clamp(min=1)).numpy()  # (K, K), each row sums to 1
+    K = len(classes)
+    side = max(6.0, 0.45 * K + 2)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ticks = range(K)
+    fontsize = 9 if K <= 20 else 5
+    ax.set_xticks(ticks, classes, rotation=45 if K <= 20 else 90, ha="right", fontsize=fontsize)
+    ax.set_yticks(ticks, classes, fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if K <= 20:
+        for i in range(K):
+            for j in range(K):
+                if confusion[i, j]:
+                    ax.text(j, i, f"{frac[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+EVAL_JSON = "eval.json"
+CONFUSION_PNG = "confusion.png"
+
+
+def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: str = "test",
+                 batch_size: int = 1000, device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a run dir's weights on `split` of the dataset it was trained on; write eval.json + figure.
+
+    The dataset name comes from the run's train_config.json (CIFAR-10 when there is none, e.g. a converted
+    model), the normalisation from its preprocessor_config.json, so the numbers match training.
+    Returns the eval.json content.
+    """
+    run_dir = Path(run_dir)
+    model, processor, names = load_run(run_dir)
+    record = read_json(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else {}
+    dataset = record.get("data", {}).get("dataset", "cifar10")
+    if data is None:
+        data = record.get("data", {}).get("root")  # the trainer's data dir, unless told otherwise
+        if data is not None and not Path(data).exists():
+            data = None  # moved machines: fall back to $VITLAB_DATA / the cache
+    ds = load_dataset(dataset, data, split)
+    if ds.num_classes != model.cfg.num_classes:
+        raise VitlabError(f"{run_dir} predicts {model.cfg.num_classes} classes but {dataset} has {ds.num_classes}")
+    dev = resolve_device(device)
+    precision = record.get("plan", {}).get("precision", "fp32")
+    res = evaluate(model.to(dev), ds.images, ds.labels, mean=tuple(processor["image_mean"]),
+                   std=tuple(processor["image_std"]), num_classes=ds.num_classes, batch_size=batch_size,
+                   device=dev, precision=precision, image_size=model.cfg.image_size, progress=progress, desc=split)
+    classes = names if len(names) == ds.num_classes else ds.classes
+    out = {"run_dir": str(run_dir), "dataset": dataset, "split": split, "count": res.count, "loss": res.loss,
+           "top1": res.top1, "top5": res.top5, "per_class": dict(zip(classes, res.per_class)),
+           "confusion": res.confusion.tolist(), "classes": classes, "precision": precision}
+    write_json(run_dir / EVAL_JSON, out)
+    png = plot_confusion(res.confusion, classes, run_dir / CONFUSION_PNG,
+                         title=f"{run_dir.name}: {dataset} {split}, top-1 {res.top1:.2%} ({res.count} images)")
+    out["confusion_png"] = str(png) if png else None
+    return out

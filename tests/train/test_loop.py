@@ -1,0 +1,169 @@
+"""End-to-end training on real CIFAR-10 subsets: it learns, it is deterministic, it resumes bit-exactly."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from vitlab.model import VisionTransformer
+from vitlab.train import load_checkpoint, loop, resolve_recipe, resume, train
+from vitlab.train.loop import Trainer
+from vitlab.weights import load_state_dict
+
+# Tiny but with every source of randomness on: dropout, drop-path, EMA, TrivialAugment, mixup/cutmix,
+# label smoothing, a held-out val split.
+TINY = dict(model_args={"width": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "dropout": 0.1}, drop_path=0.1,
+            ema=0.9, policy="trivial", mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, val_split=0.004,
+            train_subset=256, test_subset=200, batch_size=64, epochs=3, warmup_epochs=1, precision="fp32",
+            eval_batch_size=500)
+
+
+TINY_LR = resolve_recipe("seed").lr
+
+
+def tiny_run(out, cifar_dir, **kw):
+    return train(resolve_recipe("seed", **{**TINY, **kw}), out=out, data=cifar_dir, progress=False, log=lambda s: None)
+
+
+def weights(run_dir):
+    return load_state_dict(run_dir / "model.safetensors"), \
+        load_state_dict(next((run_dir / "checkpoint").glob("step-*")) / "model.safetensors")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_short_run_learns(tmp_path, cifar_dir):
+    """The tutorial model on 4,000 real images for 3 epochs: loss falls, test accuracy well above chance."""
+    cfg = resolve_recipe("seed", train_subset=4000, test_subset=2000, epochs=3, batch_size=64, lr=3e-3,
+                         warmup_epochs=0.5, weight_decay=0.05)
+    res = train(cfg, out=tmp_path / "run", data=cifar_dir, progress=False, log=lambda s: None)
+    rows = res.metrics
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"] < 2.30  # ln(10): chance
+    assert res.test_top1 > 0.25, rows
+    # The run dir is a model dir: from_pretrained gives back the weights that scored it.
+    model = VisionTransformer.from_pretrained(tmp_path / "run")
+    assert model.read_class_names(tmp_path / "run")[:2] == ["airplane", "automobile"]
+    proc = json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())
+    assert proc["image_processor_type"] == "ViTImageProcessor"
+    assert proc["size"] == {"height": 32, "width": 32} and proc["resample"] == 3
+    assert proc["do_resize"] and proc["do_rescale"] and proc["do_normalize"]
+    assert proc["rescale_factor"] == pytest.approx(1 / 255)
+    assert proc["image_mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert len(proc["image_std"]) == 3
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5", "lr",
+            "images_per_sec", "elapsed_s"} <= set(header)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    record = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert record["torch"] == torch.__version__ and record["data"]["train_size"] == 4000
+    assert record["plan"]["total_steps"] == 3 * (4000 // 64)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where, precision", [("mid-epoch", "fp32"), ("checkpoint-write", "fp32"),
+                                               ("mid-epoch", "bf16-pure")])
+def test_resume_is_bit_exact(tmp_path, cifar_dir, monkeypatch, where, precision):
+    full = tiny_run(tmp_path / "full", cifar_dir, precision=precision)
+    assert "val_top1" in full.final and full.final["train_acc"] is None  # mixing: no train accuracy
+
+    if where == "mid-epoch":  # killed a few steps into epoch 2
+        real_step = Trainer.train_step
+
+        def step(self, *a):
+            if self.step == self.steps_per_epoch + 2:
+                raise Interrupted
+            return real_step(self, *a)
+        monkeypatch.setattr(Trainer, "train_step", step)
+    else:  # killed while writing the epoch-2 checkpoint: epoch 1's must survive
+        real_save = loop.save_checkpoint
+
+        def save(run_dir, *, tensors, state):
+            if state["epoch"] == 2:
+                raise Interrupted
+            return real_save(run_dir, tensors=tensors, state=state)
+        monkeypatch.setattr(loop, "save_checkpoint", save)
+    with pytest.raises(Interrupted):
+        tiny_run(tmp_path / "cut", cifar_dir, precision=precision)
+    monkeypatch.undo()
+    resumed = resume(tmp_path / "cut", progress=False, log=lambda s: None)
+
+    assert [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
+    for a, b in zip(weights(tmp_path / "full"), weights(tmp_path / "cut")):
+        assert_same(a, b)
+    for k in ("test_loss", "test_top1", "val_loss", "train_loss"):
+        assert resumed.final[k] == full.final[k]
+
+
+def test_same_seed_same_weights_other_seed_not(tmp_path, cifar_dir):
+    kw = dict(epochs=1, ema=0.0, precision="bf16-pure")
+    a = weights(tiny_run(tmp_path / "a", cifar_dir, **kw).run_dir)[0]
+    b = weights(tiny_run(tmp_path / "b", cifar_dir, **kw).run_dir)[0]
+    c = weights(tiny_run(tmp_path / "c", cifar_dir, seed=1, **kw).run_dir)[0]
+    assert_same(a, b)
+    assert not torch.equal(a["head.weight"], c["head.weight"])
+    # Gradient checkpointing recomputes the same activations (dropout RNG replayed): same weights.
+    d = weights(tiny_run(tmp_path / "d", cifar_dir, grad_checkpointing=True, **kw).run_dir)[0]
+    assert_same(a, d)
+
+
+def test_ema_is_what_the_run_dir_holds(tmp_path, cifar_dir):
+    run = tiny_run(tmp_path / "e", cifar_dir, epochs=1).run_dir
+    folder = next((run / "checkpoint").glob("step-*"))
+    published, raw = weights(run)
+    assert_same(published, load_state_dict(folder / "ema.safetensors"))
+    assert not torch.equal(published["head.weight"], raw["head.weight"])
+
+
+def test_without_matplotlib_there_is_no_png_and_one_note(tmp_path, cifar_dir, monkeypatch):
+    from vitlab.train import metrics
+
+    monkeypatch.setattr(metrics, "pyplot", lambda: None)
+    lines = []
+    train(resolve_recipe("seed", **{**TINY, "epochs": 2}), out=tmp_path / "m", data=cifar_dir, progress=False,
+          log=lines.append)
+    assert not (tmp_path / "m" / "curves.png").exists() and (tmp_path / "m" / "metrics.csv").exists()
+    assert sum("matplotlib is not installed" in line for line in lines) == 1
+
+
+def test_timing_steps_leaves_no_trace(tmp_path, cifar_dir):
+    """`auto` precision and --time-budget time real steps: weights, optimizer and RNGs must come back as they were."""
+    cfg = resolve_recipe("seed", **TINY)
+    trainer = Trainer(cfg, tmp_path, data=cifar_dir, device="cpu", progress=False, record={}, log=lambda s: None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    times = trainer.time_steps(["fp32", "bf16", "bf16-pure"])
+    assert set(times) == {"fp32", "bf16", "bf16-pure"} and min(times.values()) > 0
+    assert_same(before, trainer.model.state_dict())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert not trainer.optimizer.state and all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_time_budget_ends_in_time(tmp_path, cifar_dir):
+    t = time.perf_counter()
+    res = tiny_run(tmp_path / "b", cifar_dir, time_budget=0.4, epochs=1000, ema=0.0)
+    assert time.perf_counter() - t < 24
+    plan = json.loads((tmp_path / "b" / "train_config.json").read_text())["plan"]
+    assert plan["step_seconds"]["fp32"] > 0 and 0 < plan["total_steps"] < 1000 * 4
+    _, state = load_checkpoint(tmp_path / "b")
+    assert state["finished"] and res.final["step"] == state["step"] > 0
+    assert state["schedule"]["total_steps"] >= state["step"]  # the cosine was fitted, not cut: lr near its end
+    assert res.final["lr"] < 0.25 * TINY_LR
+
+
+def test_existing_run_dir_is_refused(tmp_path, cifar_dir):
+    tiny_run(tmp_path / "r", cifar_dir, epochs=1)
+    with pytest.raises(ValueError, match="already holds a run"):
+        tiny_run(tmp_path / "r", cifar_dir, epochs=1)
+    done = resume(tmp_path / "r", progress=False, log=lambda s: None)  # complete: nothing to do
+    assert [r["epoch"] for r in done.metrics] == [1]
