@@ -116,7 +116,7 @@ def main() -> None:
         result = (f"final top-1 {res['final_test_top1']:.2%} in {res['total_minutes']:.1f} min, "
                   f"{res['train_images_per_sec']:.0f} img/s; time to {reached}")
         append_results_row(args.results, ["cifar10_time_to_accuracy", time.strftime("%Y-%m-%d"), setting, result,
-                                          f"out/{out.name}"])
+                                          f"results/{out.name}"])
         print(json.dumps({k: res[k] for k in ("recipe", "minutes_to", "final_test_top1", "total_minutes",
                                               "train_images_per_sec")}))
 
