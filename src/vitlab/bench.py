@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vitlab.model import VisionTransformer, ViTConfig, flops_per_image
-from vitlab.speed import TrainStep, autocast
+from vitlab.speed import TrainStep, inference_forward
 
 
 def matmul_peak(dtype: torch.dtype, *, sizes=(1024, 2048, 4096), repeats: int = 3) -> dict[int, float]:
@@ -79,15 +79,9 @@ def train_step_fn(model: nn.Module, *, precision: str, compile: bool, batch_size
 def infer_fn(model: nn.Module, *, precision: str, compile: bool, batch_size: int, image_size: int
              ) -> Callable[[], torch.Tensor]:
     model = model.eval()
-    fwd = torch.compile(model) if compile else model
+    fwd = inference_forward(torch.compile(model) if compile else model, precision)
     x = torch.randn(batch_size, 3, image_size, image_size)
-    device = torch.device("cpu")
-
-    def run() -> torch.Tensor:
-        with torch.inference_mode(), autocast(precision, device):
-            return fwd(x)
-
-    return run
+    return lambda: fwd(x)
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], *, batch_size: int, steps: int, repeats: int,
