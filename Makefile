@@ -12,7 +12,6 @@ ARGS   ?=
 
 $(VENV)/.core: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[plot]"
 	touch $@

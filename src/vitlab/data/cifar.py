@@ -152,7 +152,7 @@ def _find_files(spec: CifarSpec, root: Path, split: str, download: bool) -> list
     if not download:
         raise VitlabError(
             f"no {spec.title} data in {root}: put the official binary or python files (or {archive}) there, "
-            f"or point --data / {DATA_ENV} at them, or pass download=True"
+            f"or point --data / {DATA_ENV} at them, or download them (vitlab train --download, or download=True)"
         )
     _unpack_binary(spec, download_file(URL + archive, root / archive, md5=md5), root / spec.subdirs["binary"])
     return _find_files(spec, root, split, download=False)
