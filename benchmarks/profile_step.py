@@ -50,7 +50,7 @@ def main() -> int:
     cands = {f"vitlab default ({mode['precision']})": train_step_fn(model, **mode, **common)}
     if not args.no_timm:
         for precision in ("fp32", "bf16"):
-            cands[f"timm {precision} autocast"] = train_step_fn(
+            cands[f"timm {precision}{' autocast' if precision == 'bf16' else ''}"] = train_step_fn(
                 timm_twin(create_model(args.model, image_size=32, num_classes=10, seed=0)),
                 precision=precision, compile=False, **common)
     out = [f"# Training-step profile: {args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
