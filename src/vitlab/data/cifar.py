@@ -23,6 +23,7 @@ from vitlab.data.dataset import ImageDataset
 from vitlab.data.download import download_file
 from vitlab.data.paths import DATA_ENV, resolve_data_dir
 from vitlab.errors import VitlabError
+from vitlab.weights import atomic_write
 
 try:  # numpy >= 2 moved the modules; pickles name either one
     from numpy._core.multiarray import _reconstruct
@@ -222,9 +223,7 @@ def _unpack_binary(spec: CifarSpec, archive: Path, dest: Path) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for name in found:
-            tmp = dest / f".{name}.part"
-            tmp.write_bytes(found[name])
-            tmp.replace(dest / name)
+            atomic_write(dest / name, lambda tmp, data=found[name]: Path(tmp).write_bytes(data))
         archive.unlink()
     except OSError as e:
         raise VitlabError(f"cannot unpack {archive} into {dest}: {e.strerror or e}") from None

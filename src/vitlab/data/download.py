@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +11,7 @@ from tqdm import tqdm
 
 from vitlab.data.paths import DATA_ENV
 from vitlab.errors import VitlabError
+from vitlab.weights import atomic_write
 
 CHUNK = 1 << 20
 
@@ -33,9 +33,8 @@ def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0) -> P
     if dest.is_file() and md5sum(dest) == md5:
         return dest
     where = f"fetch it by hand and put it (or its unpacked files) in {dest.parent}, or set --data/{DATA_ENV}"
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def fetch(tmp: str) -> None:  # raising here makes atomic_write drop the temporary file
         h = hashlib.md5(usedforsecurity=False)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -44,12 +43,12 @@ def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0) -> P
                     f.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
+        if h.hexdigest() != md5:
+            raise VitlabError(f"download of {url} is corrupt (MD5 {h.hexdigest()}, expected {md5}); {where}")
+
+    try:
+        atomic_write(dest, fetch)
     except (OSError, urllib.error.URLError) as e:  # no network, DNS failure, HTTP error, disk full
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise VitlabError(f"cannot download {url} ({reason}); {where}") from None
-    if h.hexdigest() != md5:
-        tmp.unlink(missing_ok=True)
-        raise VitlabError(f"download of {url} is corrupt (MD5 {h.hexdigest()}, expected {md5}); {where}")
-    os.replace(tmp, dest)
     return dest

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.paths import cache_root
 from vitlab.errors import VitlabError
+from vitlab.weights import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
@@ -142,14 +142,11 @@ def _decode_all(
 
 def _write_cache(path: Path, dataset: ImageDataset, skipped: list[str]) -> None:
     """Save atomically (temp file + rename) so a concurrent or interrupted run never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     metadata = {"classes": json.dumps(dataset.classes), "skipped": json.dumps(skipped)}
+    tensors = {"images": dataset.images, "labels": dataset.labels}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": dataset.images, "labels": dataset.labels}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except OSError as e:  # a read-only cache only costs speed
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write image cache {path}: {e}", stacklevel=3)
 
 

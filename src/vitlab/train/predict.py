@@ -1,24 +1,24 @@
-"""Classify image files with a trained run: the one implementation of "any image -> model input".
+"""Classify image files with a trained run.
 
-Steps, as the run's `preprocessor_config.json` (Hugging Face `ViTImageProcessor` semantics) says: apply the
-EXIF orientation, convert to RGB (transparency composited onto white, as transformers' `convert_to_rgb`;
-CMYK, L, P, I;16 ... through PIL's convert), resize to the model's size with PIL bicubic, scale by 1/255,
-normalise with the training mean/std.
-Training images (32x32 CIFAR) went through exactly the scale and normalise steps, with no resize needed.
+Images are read with their EXIF orientation applied, then prepared by `vitlab.preprocess` as the run's
+`preprocessor_config.json` (Hugging Face `ViTImageProcessor` semantics) says: RGB (transparency composited
+onto white), resize to the model's size with Pillow bicubic, scale by 1/255, normalise with the training
+mean/std. Training images (32x32 CIFAR) went through exactly the scale and normalise steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitlab.errors import VitlabError
 from vitlab.model import VisionTransformer
+from vitlab.preprocess import ImagePreprocess, to_rgb
 from vitlab.train.processor import read_preprocessor_config
 
 
@@ -36,32 +36,13 @@ def load_image(path: str | Path) -> Image.Image:
         raise VitlabError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, with any transparency (alpha band or palette/tRNS transparency) composited onto white."""
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-    return im.convert("RGB")
-
-
 def preprocess(images: list[Image.Image], processor: dict) -> torch.Tensor:
-    """RGB PIL images of any size -> model input (B, 3, H, W) float32, as `processor` specifies."""
-    size = processor["size"]
-    mean = np.asarray(processor["image_mean"], dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(processor["image_std"], dtype=np.float32).reshape(3, 1, 1)
-    out = []
-    for im in images:
-        if processor.get("do_convert_rgb", True) and im.mode != "RGB":
-            im = to_rgb(im)
-        if processor["do_resize"]:
-            im = im.resize((int(size["width"]), int(size["height"])), resample=Image.Resampling(processor["resample"]))
-        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W), 0..255
-        if processor["do_rescale"]:
-            x = x * np.float32(processor["rescale_factor"])
-        if processor["do_normalize"]:
-            x = (x - mean) / std
-        out.append(torch.from_numpy(np.ascontiguousarray(x)))
-    return torch.stack(out)  # (B, 3, H, W)
+    """PIL images of any size and mode -> model input (B, 3, H, W) float32, as `processor` specifies.
+
+    `vitlab.preprocess.ImagePreprocess` read from the run's config, with Pillow's resampling as
+    transformers' `ViTImageProcessorPil`.
+    """
+    return dataclasses.replace(ImagePreprocess.from_hf(processor), backend="pil")(images)
 
 
 @dataclass
