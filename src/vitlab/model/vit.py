@@ -137,13 +137,12 @@ class VisionTransformer(nn.Module):
         pre_pos, patch_pos = self._pos_embed(grid)
         if patch_pos is not None:
             x = x + patch_pos
-        B = x.shape[0]
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
         if prefix:
-            pre = torch.cat(prefix, dim=1)  # (B, prefix, D)
-            if pre_pos is not None:
+            pre = torch.cat(prefix, dim=1)  # (1, prefix, D)
+            if pre_pos is not None:  # added once, before the batch broadcast: the same sums, fewer of them
                 pre = pre + pre_pos
-            x = torch.cat([pre, x], dim=1)  # (B, prefix + N, D)
+            x = torch.cat([pre.expand(x.shape[0], -1, -1), x], dim=1)  # (B, prefix + N, D)
         return self.norm_pre(self.pos_drop(x))
 
     def forward_features(self, x: torch.Tensor, *, return_attention: bool = False,
