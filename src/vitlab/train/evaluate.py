@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from vitlab.data import load_dataset, normalize
 from vitlab.errors import VitlabError
-from vitlab.speed import autocast
+from vitlab.speed import inference_forward
 from vitlab.train.metrics import pyplot, save_figure
 from vitlab.train.predict import load_run
 from vitlab.train.recipes import RUN_CONFIG
@@ -50,7 +50,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
     """
     device = torch.device(device)
     was_training = model.training
-    model.eval()
+    # bf16-pure: a bf16 copy of the current weights, so evaluation takes the fast bf16 kernels too
+    forward = inference_forward(getattr(model, "_orig_mod", model) if precision == "bf16-pure" else model, precision)
     k = min(5, num_classes)
     loss_sum, top1, topk, n = 0.0, 0, 0, labels.shape[0]
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
@@ -60,9 +61,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
             if image_size is not None and x.shape[-1] != image_size:
                 x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True)
             y = labels[i:i + batch_size].to(device)
-            with autocast(precision, device):
-                logits = model(x)
-            logits = logits.float()  # (B, K)
+            logits = forward(x)  # (B, K) fp32
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             pred = logits.topk(k, dim=1).indices  # (B, k)
             top1 += (pred[:, 0] == y).sum().item()
