@@ -69,3 +69,47 @@ def test_state_dict_is_nn_linear():
     layer = Linear(8, 4)
     assert isinstance(layer, torch.nn.Linear)
     assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+@needs_op
+def test_residual_add_fused_forward_and_grads():
+    torch.manual_seed(3)
+    layer = Linear(48, 32).to(torch.bfloat16)
+    x = torch.randn(4, 65, 48).to(torch.bfloat16).requires_grad_()
+    r = torch.randn(4, 65, 32).to(torch.bfloat16).requires_grad_()
+    y = layer(x, residual=r)
+    ref, (x32, w32, b32) = _reference(x, layer, False)
+    r32 = r.detach().float().requires_grad_()
+    ref = ref + r32
+    torch.testing.assert_close(y.float(), ref, rtol=1.6e-2, atol=1.6e-2)
+    g = torch.randn_like(ref).to(torch.bfloat16)
+    y.backward(g)
+    ref.backward(g.float())
+    assert torch.equal(r.grad, g)  # the residual's gradient passes through untouched
+    for got, want in [(x.grad, x32.grad), (layer.weight.grad, w32.grad), (layer.bias.grad, b32.grad)]:
+        assert (got.float() - want).norm() / want.norm() < 1e-2
+    with pytest.raises(ValueError):
+        layer(x, gelu=True, residual=r)
+
+
+@needs_op
+@pytest.mark.parametrize("drop_path", [0.0, 0.1])
+def test_bf16_vit_with_fused_layers_tracks_fp32(drop_path):
+    """A whole bf16 ViT (fused linears, fused residuals or the plain path under stochastic depth) stays within
+    bf16 precision of the same weights in fp32, forward and backward."""
+    from vitlab.model import create_model
+
+    model = create_model("seed", image_size=32, num_classes=10, seed=0, drop_path=drop_path)
+    low = create_model("seed", image_size=32, num_classes=10, seed=0, drop_path=drop_path).to(torch.bfloat16)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    x = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    ref = model(x)
+    torch.manual_seed(0)
+    out = low(x.to(torch.bfloat16))
+    assert (out.float() - ref).norm() / ref.norm() < 3e-2
+    ref.square().sum().backward()
+    out.float().square().sum().backward()
+    for (name, p32), p16 in zip(model.named_parameters(), low.parameters()):
+        err = (p16.grad.float() - p32.grad).norm() / (p32.grad.norm() + 1e-12)
+        assert err < 0.1, (name, err)

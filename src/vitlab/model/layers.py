@@ -76,8 +76,9 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, *, attn_mask: torch.Tensor | None = None, return_attention: bool = False,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(residual +) attention(x), and the probabilities with `return_attention`."""
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
@@ -89,7 +90,10 @@ class Attention(nn.Module):
         else:
             out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        return self.proj_drop(self.proj(out)), probs
+        if residual is not None and not (self.training and self.proj_drop.p > 0):
+            return self.proj(out, residual=residual), probs  # the add fused into proj's matmul (onednn.py)
+        out = self.proj_drop(self.proj(out))
+        return (out if residual is None else residual + out), probs
 
 
 class Mlp(nn.Module):
@@ -101,9 +105,14 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fuse_gelu = activation == "gelu"  # exact GELU can run inside fc1's matmul (onednn.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) fc2(act(fc1(x)))."""
         h = self.fc1(x, gelu=True) if self.fuse_gelu else self.act(self.fc1(x))  # (B, N, hidden)
-        return self.drop(self.fc2(self.drop(h)))
+        h = self.drop(h)
+        if residual is not None and not (self.training and self.drop.p > 0):
+            return self.fc2(h, residual=residual)
+        out = self.drop(self.fc2(h))
+        return out if residual is None else residual + out
 
 
 class LayerScale(nn.Module):
@@ -153,6 +162,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
                 return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if all(isinstance(m, nn.Identity) for m in (self.ls1, self.ls2, self.drop_path1, self.drop_path2)):
+            # x + branch(x) with nothing in between: the add can go into the branch's last matmul
+            x, probs = self.attn(self.norm1(x), attn_mask=attn_mask, return_attention=return_attention, residual=x)
+            return self.mlp(self.norm2(x), residual=x), probs
         a, probs = self.attn(self.norm1(x), attn_mask=attn_mask, return_attention=return_attention)
         x = x + self.drop_path1(self.ls1(a))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
