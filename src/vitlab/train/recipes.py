@@ -4,13 +4,13 @@ A recipe is a complete `TrainConfig`; the CLI (`--epochs --lr --model ...`) over
 `resolve_recipe(name, **overrides)`. The resolved config is saved as `train_config.json` in the run dir,
 which is all `--resume` needs to rebuild the run.
 
-Throughput on the 2-core CPU (Xeon with AMX, bf16 autocast (bf16-pure: ~5-10% faster still), batch 256,
+Throughput on the 2-core CPU (Xeon with AMX, bf16-pure with the fused oneDNN linears, batch 256,
 32x32 /4 = 65 tokens, quiet machine; fp32 in brackets): the tutorial "seed" model (48/4/4) trains at
-~2,000 img/s [1,360], a 128/6 model at ~800 [410], 192/6 at ~570 [270], Ti/4 (192/12/3, timm's Ti) at
-~230 [90]. Accuracy per minute on such a CPU is won by small models that see many epochs, not by wide ones
+~2,050 img/s [1,310], a 128/6 model at ~800 [410], 192/6 at ~520 [270], Ti/4 (192/12/3, timm's Ti) at
+~240 [71]. Accuracy per minute on such a CPU is won by small models that see many epochs, not by wide ones
 that see few, so the recipes below are narrow and shallow, sized so the epochs fit the time the recipe
 promises (measured, one epoch of 50,000 images with its augmentation + the 10,000-image evaluation and
-checkpoint: seed ~30 s, fast ~68 s, cpu-hour ~105 s).
+checkpoint: seed ~30 s, fast ~68 s, cpu-hour ~100 s).
 On a GPU or a bigger CPU they simply finish sooner; `--time-budget` instead fits the steps to the clock.
 """
 
