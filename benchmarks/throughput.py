@@ -44,7 +44,7 @@ def bench_model(variant: str, args, peaks: dict) -> dict:
         precision, compiled = MODES[mode]
         peak = peaks["bf16" if precision == "bf16" else "fp32"]
         for kind in ("train", "infer"):
-            if kind == "infer" and args.no_infer:
+            if (kind == "infer" and args.no_infer) or (kind == "train" and args.no_train):
                 continue
             fns = {}
             for who in ("vitlab", "timm"):
@@ -101,6 +101,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--no-train", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "results" / "throughput.json")
     p.add_argument("--no-results-md", action="store_true", help="do not append to RESULTS.md")
     args = p.parse_args()

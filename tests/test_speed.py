@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from vitlab.model import create_model
 from vitlab.model.layers import sdpa
-from vitlab.speed import TrainStep, autocast, inference_forward, resolve_precision, soft_cross_entropy
+from vitlab.speed import (
+    CPU_SLICE_BYTES,
+    TrainStep,
+    autocast,
+    cache_chunk,
+    inference_forward,
+    resolve_precision,
+    soft_cross_entropy,
+)
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
@@ -91,3 +99,18 @@ def test_inference_forward_precisions_agree():
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     with autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_pure_inference_in_cache_slices_equals_per_image_results():
+    model = create_model("S/4", image_size=16, num_classes=10, seed=0, depth=2)
+    chunk = cache_chunk(model, torch.device("cpu"))
+    assert chunk == CPU_SLICE_BYTES // (model.cfg.num_tokens * model.cfg.width * 2)
+    assert cache_chunk(create_model("seed", image_size=16), torch.device("meta")) > 10**9  # not CPU: no slicing
+    fwd = inference_forward(model, "bf16-pure")
+    x = torch.randn(chunk * 2 + 3, 3, 16, 16)  # two full slices and a remainder
+    out = fwd(x)
+    assert out.shape == (x.shape[0], 10) and out.dtype == torch.float32
+    each = torch.cat([fwd(x[i:i + 1]) for i in range(0, x.shape[0], 37)] + [fwd(x[-1:])])
+    idx = list(range(0, x.shape[0], 37)) + [x.shape[0] - 1]
+    # bf16: kernels may pick other blockings for other batch sizes, so equal within bf16 rounding
+    torch.testing.assert_close(out[idx], each, rtol=0.05, atol=0.05)
