@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from results_md import RESULTS_MD, append_rows, table_row
 
 from vitlab.cli.train import parse_model_args
 from vitlab.train import RECIPES, resolve_recipe, train
 
 THRESHOLDS = (0.64, 0.70, 0.80, 0.85, 0.90)
 HERE = Path(__file__).resolve().parent
-RESULTS_HEADER = ("# Benchmark results\n\n| benchmark | date | setting | result | details |\n"
-                  "| --- | --- | --- | --- | --- |\n")
 
 
 def minutes_to(rows: list[dict], threshold: float) -> float | None:
@@ -55,13 +54,6 @@ def git_commit() -> str | None:
                               check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def append_results_row(path: Path, cells: list[str]) -> None:
-    text = path.read_text() if path.is_file() else RESULTS_HEADER
-    if not text.endswith("\n"):
-        text += "\n"
-    path.write_text(text + "| " + " | ".join(c.replace("|", "/") for c in cells) + " |\n")
 
 
 def benchmark(recipe: str, *, data: str | None, device: str, runs_dir: Path, overrides: dict) -> dict:
@@ -97,7 +89,7 @@ def main() -> None:
                     help="override a TrainConfig field for every recipe, e.g. epochs=2 (a quick check)")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
-    ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS_MD)
     args = ap.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
@@ -115,8 +107,8 @@ def main() -> None:
                    f"({res['cpu']})")
         result = (f"final top-1 {res['final_test_top1']:.2%} in {res['total_minutes']:.1f} min, "
                   f"{res['train_images_per_sec']:.0f} img/s; time to {reached}")
-        append_results_row(args.results, ["cifar10_time_to_accuracy", time.strftime("%Y-%m-%d"), setting, result,
-                                          f"results/{out.name}"])
+        append_rows([table_row(["cifar10_time_to_accuracy", time.strftime("%Y-%m-%d"), setting, result,
+                                f"results/{out.name}"])], args.results)
         print(json.dumps({k: res[k] for k in ("recipe", "minutes_to", "final_test_top1", "total_minutes",
                                               "train_images_per_sec")}))
 

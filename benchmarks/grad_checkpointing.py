@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_md import append_rows
+
 HERE = Path(__file__).parent
 
 CHILD = r"""
@@ -65,13 +67,12 @@ def main() -> int:
     path = HERE / "results" / "grad_checkpointing.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    with (HERE / "RESULTS.md").open("a") as f:
-        f.write(f"| grad_checkpointing | {out['date']} | {args.model}, batch {args.batch_size}, default training "
+    append_rows([f"| grad_checkpointing | {out['date']} | {args.model}, batch {args.batch_size}, default training "
                 f"path | peak RSS {plain['peak_rss_mib']:.0f} -> {ck['peak_rss_mib']:.0f} MiB "
                 f"({summary['peak_ratio']:.2f}x; above baseline {plain['activation_mib']:.0f} -> "
                 f"{ck['activation_mib']:.0f} MiB, {summary['memory_ratio']:.2f}x), "
                 f"{plain['images_per_sec_median']:.0f} -> {ck['images_per_sec_median']:.0f} img/s "
-                f"({100 * summary['slowdown']:.0f}% slower) | results/grad_checkpointing.json |\n")
+                 f"({100 * summary['slowdown']:.0f}% slower) | results/grad_checkpointing.json |"])
     print(json.dumps(summary))
     return 0
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from results_md import append_rows
 
 from vitlab.train import resolve_recipe, train
 
@@ -45,9 +46,8 @@ def main() -> int:
     path.write_text(json.dumps(out, indent=2) + "\n")
     cells = "; ".join(f"{k}: {100 * v['test_top1']:.2f}% at {v['train_images_per_sec_median']:.0f} img/s"
                       for k, v in out["runs"].items())
-    with (HERE / "RESULTS.md").open("a") as f:
-        f.write(f"| precision_accuracy | {out['date']} | recipe {args.recipe}, {args.epochs:g} epochs, same seed, "
-                f"torch {out['torch']} | {cells} | results/precision_accuracy.json |\n")
+    append_rows([f"| precision_accuracy | {out['date']} | recipe {args.recipe}, {args.epochs:g} epochs, same seed, "
+                  f"torch {out['torch']} | {cells} | results/precision_accuracy.json |"])
     return 0
 
 

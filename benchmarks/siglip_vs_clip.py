@@ -19,12 +19,12 @@ import platform
 from pathlib import Path
 
 import torch
+from results_md import append_rows
 
 from vitlab.clip.train import ClipTrainConfig, train_clip
 from vitlab.weights import write_json
 
 HERE = Path(__file__).parent
-RESULTS_HEADER = "| benchmark | date | setting | result | details |\n| --- | --- | --- | --- | --- |\n"
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -92,10 +92,8 @@ def main() -> None:
                            for loss, name in (("siglip", "SigLIP"), ("clip", "CLIP")))
         row = (f"| siglip_vs_clip | {report['date']} | CIFAR-10 captions, {args.budget} min CPU ({args.threads} "
                f"threads) per run, zero-shot on {args.eval_limit} test images | zero-shot acc. at batch {sizes}: "
-               f"{result} | {Path(args.out).name} |\n")
-        md = Path(args.results_md)
-        text = md.read_text() if md.is_file() else "# Benchmark results\n\n" + RESULTS_HEADER
-        md.write_text(text + row)
+               f"{result} | {Path(args.out).name} |")
+        append_rows([row], Path(args.results_md))
     print(json.dumps({f"{r['loss']}@{r['batch_size']}": r["zero_shot_accuracy"] for r in runs}, indent=2))
 
 

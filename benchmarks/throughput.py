@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from results_md import append_rows
 
 from vitlab.bench import infer_fn, matmul_peak, mfu, time_side_by_side, timm_twin, train_step_fn
 from vitlab.model import create_model
@@ -137,12 +138,7 @@ def main() -> int:
                         f"{cells} |")
     print("\n".join(rows))
     if not args.no_results_md:
-        md = HERE / "RESULTS.md"
-        if not md.exists():
-            md.write_text("# Benchmark results\n\n| benchmark | date | setting | result | details |\n"
-                          "| --- | --- | --- | --- | --- |\n")
-        with md.open("a") as f:
-            f.write("\n".join(rows) + "\n")
+        append_rows(rows)
     return 0
 
 
