@@ -131,7 +131,8 @@ def inference_forward(model: nn.Module, precision: str) -> Callable[[torch.Tenso
     """
     device = next(model.parameters()).device
     if precision == "bf16-pure":
-        low = copy.deepcopy(model).to(torch.bfloat16).eval()
+        # a torch.compile wrapper is copied as the module it wraps: its compiled code belongs to fp32 weights
+        low = copy.deepcopy(getattr(model, "_orig_mod", model)).to(torch.bfloat16).eval()
         chunk = cache_chunk(model, device)
 
         def forward(x: torch.Tensor) -> torch.Tensor:

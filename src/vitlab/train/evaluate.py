@@ -50,8 +50,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
     """
     device = torch.device(device)
     was_training = model.training
-    # bf16-pure: a bf16 copy of the current weights, so evaluation takes the fast bf16 kernels too
-    forward = inference_forward(getattr(model, "_orig_mod", model) if precision == "bf16-pure" else model, precision)
+    forward = inference_forward(model, precision)  # bf16-pure: a bf16 copy of the current weights
     k = min(5, num_classes)
     loss_sum, top1, topk, n = 0.0, 0, 0, labels.shape[0]
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
