@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from results_md import append_rows
 
-from vitlab.bench import infer_fn, matmul_peak, mfu, time_side_by_side, timm_twin, train_step_fn
-from vitlab.model import create_model
+from vitlab.bench import infer_fn, matmul_peak, time_side_by_side, timm_twin, train_step_fn
+from vitlab.model import create_model, estimate_mfu
 from vitlab.speed import default_mode
 
 HERE = Path(__file__).parent
@@ -59,7 +59,7 @@ def bench_model(variant: str, args, peaks: dict) -> dict:
                                   warmup=3 if compiled else 2, progress=lambda m, v=variant, md=mode, kind=kind:
                                   log(f"[{v} {md} {kind}] {m}"))
             out[kind][mode] = {who: {"median": x.median, "min": x.min, "best": x.best, "all": x.images_per_sec,
-                                     "mfu_median": mfu(base.cfg, x.median, peak, training=kind == "train")}
+                                     "mfu_median": estimate_mfu(base.cfg, x.median, peak, training=kind == "train")}
                                for who, x in t.items()}
             out[kind][mode]["ratio_median"] = t["vitlab"].median / t["timm"].median
     for kind in ("train", "infer"):
@@ -88,14 +88,15 @@ def bench_model(variant: str, args, peaks: dict) -> dict:
             "timm_best_mode": timm_mode, "vitlab_default_median": t["vitlab default"].median,
             "timm_best_median": t["timm best"].median,
             "ratio_vs_timm_best": t["vitlab default"].median / t["timm best"].median,
-            "vitlab_default_mfu_bf16_peak": mfu(base.cfg, t["vitlab default"].median, peak, training=kind == "train"),
+            "vitlab_default_mfu_bf16_peak": estimate_mfu(base.cfg, t["vitlab default"].median, peak,
+                                                         training=kind == "train"),
             "all": {k: v.images_per_sec for k, v in t.items()}}
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["seed", "Ti/4", "S/4"])
+    p.add_argument("--models", nargs="+", default=["tutorial", "Ti/4", "S/4"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)

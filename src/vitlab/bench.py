@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitlab.model import VisionTransformer, ViTConfig, flops_per_image
+from vitlab.model import VisionTransformer
 from vitlab.speed import TrainStep, inference_forward
 
 
@@ -105,6 +105,3 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], *, batch_size: int, 
             progress(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()))
     return {k: Timing(v) for k, v in rates.items()}
 
-
-def mfu(cfg: ViTConfig, images_per_sec: float, peak: float, *, training: bool) -> float:
-    return flops_per_image(cfg, training=training) * images_per_sec / peak

@@ -49,7 +49,7 @@ def test_walkthrough_blocks_run(tmp_path, monkeypatch):
                 assert r.returncode == 0, f"{DOC.name}:{line}: {cmd}\n{r.stderr[-2000:]}"
         ran += 1
     assert ran >= 12
-    assert (tmp_path / "runs/seed-demo/explain/report.html").is_file()
+    assert (tmp_path / "runs/tutorial-demo/explain/report.html").is_file()
 
 
 REFERENCE = re.compile(r"`vitlab/(?P<path>[\w/]+)\.py`: (?P<names>`[\w.]+`(?:, `[\w.]+`)*)")

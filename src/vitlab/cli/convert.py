@@ -131,8 +131,5 @@ def run(args: argparse.Namespace) -> int:
     state = read_weights(files)
     model, class_names = (_convert_timm if args.source == "timm" else _convert_hf)(state, config, args)
     model.save_pretrained(out, class_names=class_names)
-    c = model.cfg
-    print(f"converted {args.source} weights {src} -> {out}: width {c.width}, depth {c.depth}, "
-          f"heads {c.heads}, {c.image_size}px/{c.patch_size}, {c.num_classes} classes, "
-          f"{model.num_params() / 1e6:.2f}M parameters")
+    print(f"converted {args.source} weights {src} -> {out}: {model.summary()}, {model.cfg.num_classes} classes")
     return 0

@@ -17,22 +17,18 @@ from vitlab.clip.config import CLIPConfig
 from vitlab.clip.losses import clip_loss, clip_scale, siglip_loss
 from vitlab.clip.text import TextTransformer
 from vitlab.errors import VitlabError
+from vitlab.model.hub import PretrainedMixin, seeded
 from vitlab.model.vit import VisionTransformer
-from vitlab.weights import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    load_into,
-    load_state_dict,
-    read_json,
-    save_state_dict,
-    write_json,
-)
 
 MODEL_TYPE = "vitlab_clip"
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(PretrainedMixin, nn.Module):
     """Two towers + learnable temperature (and bias for kind "siglip"). `SigLIPModel` is the same class."""
+
+    model_type = MODEL_TYPE
+    config_class = CLIPConfig
+    extra_keys = ("tokenizer", "preprocess")
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
@@ -112,41 +108,24 @@ class CLIPModel(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
-    # ---- save / load --------------------------------------------------------------------------------
+    # ---- save / load (config.json + model.safetensors; from_pretrained comes from PretrainedMixin) -----
     def save_pretrained(self, directory: str | Path, *, tokenizer=None, preprocess=None) -> Path:
-        """Write config.json (+ tokenizer and preprocessing settings) and model.safetensors, each atomically.
+        """Also store the tokenizer and preprocessing settings in config.json.
 
         tokenizer: a `ByteTokenizer` (stored in config.json) or an `HFTokenizer` (its files are written too).
         preprocess: an `ImagePreprocess`, so `vitlab zeroshot` prepares images as the model expects.
         """
-        from vitlab import __version__
-
-        directory = Path(directory)
-        save_state_dict(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
         extra = {}
         if tokenizer is not None:
-            tokenizer.save(directory)
+            tokenizer.save(Path(directory))
             extra["tokenizer"] = tokenizer.to_dict()
         if preprocess is not None:
             extra["preprocess"] = preprocess.to_dict()
-        write_json(directory / CONFIG_NAME, {"model_type": MODEL_TYPE, "vitlab_version": __version__,
-                                             **self.cfg.to_dict(), **extra})
-        return directory
+        return super().save_pretrained(directory, **extra)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu") -> CLIPModel:
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise VitlabError(f"{directory} is not a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-        d = read_json(directory / CONFIG_NAME)
-        if d.get("model_type") != MODEL_TYPE:
-            raise VitlabError(f"{directory / CONFIG_NAME} is not a vitlab CLIP/SigLIP config "
-                              f"(model_type {d.get('model_type')!r}, expected {MODEL_TYPE!r})")
-        cfg = CLIPConfig.from_dict({k: v for k, v in d.items()
-                                    if k not in ("model_type", "vitlab_version", "tokenizer", "preprocess")})
-        model = (SigLIPModel if cfg.kind == "siglip" else CLIPModel)(cfg)
-        load_into(model, load_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
-        return model.to(map_location).eval()
+    def build(cls, cfg: CLIPConfig) -> CLIPModel:
+        return SigLIPModel(cfg) if cfg.kind == "siglip" else CLIPModel(cfg)
 
 
 class SigLIPModel(CLIPModel):
@@ -160,9 +139,5 @@ class SigLIPModel(CLIPModel):
 
 def create_clip(cfg: CLIPConfig, *, seed: int | None = None) -> CLIPModel:
     """The model class for `cfg.kind`; `seed` makes the init reproducible."""
-    cls = SigLIPModel if cfg.kind == "siglip" else CLIPModel
-    if seed is None:
-        return cls(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(cfg)
+    with seeded(seed):
+        return CLIPModel.build(cfg)

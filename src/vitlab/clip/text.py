@@ -10,7 +10,7 @@ from torch import nn
 
 from vitlab.clip.config import TextConfig
 from vitlab.errors import VitlabError
-from vitlab.model.layers import Block
+from vitlab.model.vit import Block
 
 
 def text_attention_mask(n: int, *, causal: bool, attention_mask: torch.Tensor | None,
@@ -62,7 +62,7 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(input_ids) + self.pos_embed[:, :L]  # (B, L, D)
         mask = text_attention_mask(L, causal=self.cfg.causal, attention_mask=attention_mask, device=x.device)
         for blk in self.blocks:
-            x, _ = blk(x, attn_mask=mask)
+            x = blk(x, attn_mask=mask)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

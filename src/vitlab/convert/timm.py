@@ -97,7 +97,7 @@ def from_timm(timm_model: nn.Module) -> VisionTransformer:
 def _activation_name(act: nn.Module) -> str:
     from timm.layers import GELU, GELUTanh, QuickGELU
 
-    from vitlab.model.layers import QuickGELU as OurQuickGELU
+    from vitlab.model.vit import QuickGELU as OurQuickGELU
 
     if isinstance(act, nn.GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"

@@ -35,7 +35,7 @@ def forward_with_attention(model: VisionTransformer, images: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        feats, attns = model.forward_features(images.to(model.device), return_attention=True)
+        feats, attns = model.forward_attention(images.to(model.device))
     finally:
         model.train(was_training)
     return feats, [a.float() for a in attns]

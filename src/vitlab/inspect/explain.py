@@ -278,8 +278,7 @@ def _token_words(cfg) -> str:
 def _summary(run: Run, inputs: Inputs | None, an: Analysis | None) -> list[tuple[str, str]]:
     cfg = run.model.cfg
     rows = [("run", str(run.path)),
-            ("model", f"{cfg.name or 'ViT'}: width {cfg.width}, depth {cfg.depth}, {cfg.heads} heads, "
-                      f"MLP {cfg.mlp_dim}, {run.model.num_params():,} parameters"),
+            ("model", f"{run.model.summary()}, MLP {cfg.mlp_dim}"),
             ("tokens", f"{cfg.image_size}x{cfg.image_size} images, {cfg.patch_size}x{cfg.patch_size} patches "
                        f"({cfg.num_patches}), class token: {'yes' if cfg.class_token else 'no'}, "
                        f"registers: {cfg.reg_tokens}, pooling: {cfg.pooling}, positions: {cfg.pos_embed}")]

@@ -1,26 +1,30 @@
 """`ViTConfig`, the one dataclass that describes a Vision Transformer, and the variant table.
 
 Variants are decoded big_vision style from ONE table: "Ti/4" means the Ti width/depth/heads/MLP
-row with 4x4 patches; "seed" is the tutorial model (48 wide, 4 deep, 4 heads, MLP 192, 32x32, /4).
+row with 4x4 patches. Besides big_vision's rows it holds the CIFAR-sized models the recipes train:
+"tutorial" is the model of Tin Nguyen's blog post "Implementing Vision Transformer (ViT) from Scratch"
+(48 wide, 4 deep, 4 heads, MLP 192, 32x32 images, 4x4 patches), and "cifar128" / "cifar192" are the
+`fast` and `cpu-hour` recipes' models.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from vitlab.errors import VitlabError, check_fields
+from vitlab.model.hub import METADATA_KEYS
 
 POS_EMBEDS = ("learned", "sincos2d", "none")
 POOLINGS = ("cls", "gap", "map")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
-# keys config.json may hold beside the ViTConfig fields (Hugging Face style metadata)
-CONFIG_JSON_EXTRAS = ("model_type", "architectures", "vitlab_version", "id2label", "label2id")
-
-# name -> (width, depth, heads, mlp_dim). big_vision's table plus the tutorial's "seed".
+# name -> (width, depth, heads, mlp_dim). The CIFAR-sized rows first, then big_vision's table.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
-    "seed": (48, 4, 4, 192),
+    "tutorial": (48, 4, 4, 192),
+    "cifar128": (128, 6, 4, 256),  # MLP ratio 2, as the 93.6% CIFAR ViT
+    "cifar192": (192, 6, 3, 384),
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "M": (512, 12, 8, 2048),
@@ -30,8 +34,11 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "g": (1408, 40, 16, 6144),
     "So400m": (1152, 27, 16, 4304),
 }
-# Defaults a variant brings besides its row (the seed model is the tutorial's 32x32 /4 model).
-VARIANT_DEFAULTS: dict[str, dict] = {"seed": {"image_size": 32, "patch_size": 4, "num_classes": 10}}
+# Defaults a variant brings besides its row: the CIFAR-sized models are 32x32 /4 with 10 classes.
+_CIFAR = {"image_size": 32, "patch_size": 4, "num_classes": 10}
+VARIANT_DEFAULTS: dict[str, dict] = {"tutorial": _CIFAR, "cifar128": _CIFAR, "cifar192": _CIFAR}
+# Old names that still work, with a warning.
+DEPRECATED_VARIANTS = {"seed": "tutorial"}  # "seed" read like the RNG argument: create_model("seed", seed=0)
 
 
 @dataclass
@@ -127,8 +134,14 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTConfig:
-        check_fields(cls, d, "ViTConfig", ignore=CONFIG_JSON_EXTRAS)
-        return cls(**{k: v for k, v in d.items() if k not in CONFIG_JSON_EXTRAS})
+        check_fields(cls, d, "ViTConfig", ignore=METADATA_KEYS)
+        return cls(**{k: v for k, v in d.items() if k not in METADATA_KEYS})
+
+    def summary(self, params: int | None = None) -> str:
+        """"tutorial 48w 4d 4h /4 32px (0.12M params)": what a run, `info`, `explain` and `convert` print."""
+        size = f" ({params / 1e6:.2f}M params)" if params is not None else ""
+        return (f"{self.name or 'ViT'} {self.width}w {self.depth}d {self.heads}h /{self.patch_size} "
+                f"{self.image_size}px{size}")
 
 
 _VARIANT_RE = re.compile(r"^(?P<name>[A-Za-z0-9]+?)(?:/(?P<patch>\d+))?$")
@@ -139,8 +152,13 @@ def list_variants() -> list[str]:
 
 
 def parse_variant(variant: str, **overrides) -> ViTConfig:
-    """Decode "Ti/4", "B/16", "seed" (+ keyword overrides) into a ViTConfig."""
+    """Decode "Ti/4", "B/16", "tutorial" (+ keyword overrides) into a ViTConfig."""
     m = _VARIANT_RE.match(variant.strip())
+    if m and m["name"] in DEPRECATED_VARIANTS:
+        new = DEPRECATED_VARIANTS[m["name"]]
+        warnings.warn(f"model variant {m['name']!r} is now called {new!r}", FutureWarning, stacklevel=2)
+        variant = new + (f"/{m['patch']}" if m["patch"] else "")
+        m = _VARIANT_RE.match(variant)
     if not m or m["name"] not in VARIANTS:
         raise VitlabError(
             f"unknown model variant {variant!r}; use NAME or NAME/PATCH with NAME in {list(VARIANTS)}, e.g. 'Ti/4'"

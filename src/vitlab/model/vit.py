@@ -1,7 +1,12 @@
-"""The Vision Transformer (Dosovitskiy et al. 2020), readable top to bottom.
+"""The Vision Transformer (Dosovitskiy et al. 2020), readable top to bottom in one file.
 
 image (B, C, H, W) -> patches (B, N, D) -> [class, registers] + positions -> pre-norm blocks
 -> norm -> pool (cls | gap | map) -> head -> logits (B, num_classes)
+
+Plain `nn.Linear` and `F.scaled_dot_product_attention` throughout. Parameter names follow timm
+(`patch_embed.proj`, `blocks.i.attn.qkv`, `mlp.fc1`, `ls1.gamma`, `attn_pool.latent`, ...), so state
+dicts convert by renaming only. The CLIP/SigLIP text tower reuses `Block`. Faster CPU kernels for bf16
+live in `vitlab.speed`, which swaps modules of a bf16 copy; nothing here knows about them.
 """
 
 from __future__ import annotations
@@ -9,22 +14,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig, parse_variant
-from vitlab.model.layers import Block, MAPHead
+from vitlab.model.hub import PretrainedMixin, seeded
 from vitlab.model.posemb import resample_grid, sincos_2d
-from vitlab.weights import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    load_into,
-    load_state_dict,
-    read_json,
-    save_state_dict,
-    write_json,
-)
+from vitlab.weights import CONFIG_NAME, read_json
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}")
 
 
 class PatchEmbed(nn.Module):
@@ -44,7 +59,145 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
 
 
-class VisionTransformer(nn.Module):
+def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) in fp32: the matrix fused attention computes but never shows."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask.float()
+    return scores.softmax(dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; optionally returns its probabilities."""
+
+    def __init__(self, dim: int, *, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, *, attn_mask: torch.Tensor | None = None, return_attention: bool = False):
+        """(B, N, D) -> (B, N, D); with `return_attention` also the probabilities (B, H, N, N)."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        drop = self.attn_drop if self.training else 0.0
+        if return_attention:  # the explicit softmax, so the probabilities can be returned
+            probs = attention_probs(q, k, attn_mask)  # (B, H, N, N)
+            out = F.dropout(probs, drop).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))  # (B, N, D)
+        return (out, probs) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, *, activation: str = "gelu", drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = make_activation(activation)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))  # (B, N, D) -> (B, N, hidden) -> (B, N, D)
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual branch scale (CaiT); `gamma` as in timm."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, *, heads: int, mlp_dim: int, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, layerscale_init: float | None = None,
+                 norm_eps: float = 1e-6, activation: str = "gelu") -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, heads=heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_dim, activation=activation, drop=drop)
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, *, attn_mask: torch.Tensor | None = None, return_attention: bool = False):
+        """(B, N, D) -> (B, N, D); with `return_attention` also the attention probabilities (B, H, N, N)."""
+        a = self.attn(self.norm1(x), attn_mask=attn_mask, return_attention=return_attention)
+        a, probs = a if return_attention else (a, None)
+        x = x + self.drop_path1(self.ls1(a))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, probs) if return_attention else x
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision MAP, SigLIP): a learned query attends over the tokens.
+
+    Layout as timm's AttentionPoolLatent: `latent`, `q`, `kv`, `proj`, then a residual MLP.
+    """
+
+    def __init__(self, dim: int, *, heads: int, mlp_dim: int, norm_eps: float = 1e-6,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_dim, activation=activation)
+
+    def forward(self, x: torch.Tensor, *, return_attention: bool = False):
+        """(B, N, D) -> (B, D); with `return_attention` also the query's probabilities (B, H, 1, N)."""
+        B, N, D = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).view(B, 1, self.heads, self.head_dim).transpose(1, 2)  # (B,H,1,hd)
+        k, v = self.kv(x).view(B, N, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        if return_attention:
+            probs = attention_probs(q, k)  # (B, H, 1, N)
+            out = probs.to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+        out = (out + self.mlp(self.norm(out)))[:, 0]  # (B, D)
+        return (out, probs) if return_attention else out
+
+
+class VisionTransformer(PretrainedMixin, nn.Module):
+    model_type = "vitlab_vit"
+    config_class = ViTConfig
+
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -145,27 +298,57 @@ class VisionTransformer(nn.Module):
             x = torch.cat([pre.expand(x.shape[0], -1, -1), x], dim=1)  # (B, prefix + N, D)
         return self.norm_pre(self.pos_drop(x))
 
-    def forward_features(self, x: torch.Tensor, *, return_attention: bool = False,
-                         return_intermediates: bool = False):
-        """Tokens after the last block and final norm, (B, prefix + N, D).
-
-        return_attention: also a list of per-layer attention probabilities, each (B, heads, N, N).
-        return_intermediates: also a list of every block's output tokens (before the final norm).
-        """
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> tokens after the last block and the final norm, (B, prefix + N, D)."""
         x = self.embed(x)
-        attns, inter = [], []
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and not return_attention:
-                x, _ = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x, a = blk(x, return_attention=return_attention)
-                if return_attention:
-                    attns.append(a)
-            if return_intermediates:
-                inter.append(x)
-        x = self.norm(x)
-        extra = ([attns] if return_attention else []) + ([inter] if return_intermediates else [])
-        return (x, *extra) if extra else x
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+        return self.norm(x)
+
+    def forward_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward_features` that also returns every block's attention probabilities, each (B, H, N, N)."""
+        x, attns = self.embed(x), []
+        for blk in self.blocks:
+            x, probs = blk(x, return_attention=True)
+            attns.append(probs)
+        return self.norm(x), attns
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, *,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's API: the outputs of chosen blocks (the last `indices` ones, or those listed; all by default).
+
+        Each intermediate is the patch tokens as (B, D, h, w) ("NCHW") or (B, N, D) ("NLC"), with
+        `norm` through the final norm; `return_prefix_tokens` pairs each with its (B, prefix, D) tokens
+        (when the model has any).
+        Returns the list with `intermediates_only`, else (final tokens as `forward_features`, list).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise VitlabError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i + depth if i < 0 else i for i in indices]
+        if any(not 0 <= i < depth for i in take):
+            raise VitlabError(f"block indices {indices!r} out of range for a {depth}-block model")
+        h, w = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
+        x = self.embed(x)
+        last = max(take) if stop_early else depth - 1
+        out = []
+        for i, blk in enumerate(self.blocks[:last + 1]):
+            x = blk(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, patches = y[:, :self.num_prefix_tokens], y[:, self.num_prefix_tokens:]  # (B, N, D)
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+                out.append((patches, prefix) if return_prefix_tokens and self.num_prefix_tokens else patches)
+        if intermediates_only:
+            return out
+        return self.norm(x), out
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, prefix + N, D) -> (B, D) by the configured pooling."""
@@ -174,46 +357,27 @@ class VisionTransformer(nn.Module):
         patches = x[:, self.num_prefix_tokens:]
         if self.cfg.pooling == "gap":
             return patches.mean(dim=1)
-        return self.attn_pool(patches)[0]
+        return self.attn_pool(patches)
 
     def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
         x = self.fc_norm(self.pool(x))  # (B, D)
         if self.pre_logits is not None:
             x = torch.tanh(self.pre_logits(x))
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(x)  # (B, num_classes)
 
     def forward(self, x: torch.Tensor, *, return_attention: bool = False):
+        """(B, C, H, W) -> logits (B, num_classes); with `return_attention` also the per-block probabilities."""
         if return_attention:
-            feats, attns = self.forward_features(x, return_attention=True)
+            feats, attns = self.forward_attention(x)
             return self.forward_head(feats), attns
         return self.forward_head(self.forward_features(x))
 
-    # ---- save / load ------------------------------------------------------------------------------
+    # ---- save / load (config.json + model.safetensors; from_pretrained comes from PretrainedMixin) -----
     def save_pretrained(self, directory: str | Path, *, class_names: list[str] | None = None) -> Path:
-        """Write `config.json` + `model.safetensors` (each atomically) into `directory`.
-
-        class_names go to `id2label` as in Hugging Face configs (read back by `read_class_names`).
-        """
-        directory = Path(directory)
-        from vitlab import __version__
-
-        save_state_dict(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        """class_names go to `id2label` as in Hugging Face configs (read back by `read_class_names`)."""
         extra = {"id2label": {str(i): c for i, c in enumerate(class_names)}} if class_names else {}
-        write_json(directory / CONFIG_NAME, {"model_type": "vitlab_vit", "vitlab_version": __version__,
-                                             **self.cfg.to_dict(), **extra})
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu"
-                        ) -> VisionTransformer:
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise VitlabError(f"{directory} is not a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-        cfg = ViTConfig.from_dict(read_json(directory / CONFIG_NAME))
-        model = cls(cfg)
-        load_into(model, load_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
-        return model.to(map_location).eval()
+        return super().save_pretrained(directory, **extra)
 
     @staticmethod
     def read_class_names(directory: str | Path) -> list[str] | None:
@@ -221,6 +385,7 @@ class VisionTransformer(nn.Module):
         id2label = read_json(Path(directory) / CONFIG_NAME).get("id2label")
         return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
+    # ---- helpers ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.patch_embed.proj.weight.device
@@ -228,13 +393,14 @@ class VisionTransformer(nn.Module):
     def num_params(self, *, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def summary(self) -> str:
+        """One line naming the model: the line `train`, `info`, `explain` and `convert` print."""
+        return self.cfg.summary(self.num_params())
 
-def create_model(variant: str | ViTConfig = "seed", *, seed: int | None = None, **overrides) -> VisionTransformer:
+
+def create_model(variant: str | ViTConfig = "tutorial", *, seed: int | None = None, **overrides
+                 ) -> VisionTransformer:
     """`create_model("Ti/4", image_size=32, num_classes=10)`; `seed` makes the init reproducible."""
     cfg = variant if isinstance(variant, ViTConfig) else parse_variant(variant, **overrides)
-    if seed is None:
+    with seeded(seed):
         return VisionTransformer(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return VisionTransformer(cfg)
-

@@ -1,0 +1,79 @@
+"""One training step (forward, loss, backward, clip, optimizer step) in the chosen precision.
+
+One `TrainStep` is used by the trainer and by `vitlab bench`, so the benchmark times exactly the path
+`vitlab train` takes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.speed.cpu_bf16 import fuse_for_cpu_bf16
+from vitlab.speed.precision import PRECISIONS, autocast
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against hard labels (B,) or soft targets (B, K) from mixup/label smoothing."""
+    logits = logits.float()
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def bf16_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A bf16 copy of `model` (a torch.compile wrapper is copied as the module it wraps), fused on CPU."""
+    low = copy.deepcopy(getattr(model, "_orig_mod", model)).to(torch.bfloat16)
+    return fuse_for_cpu_bf16(low) if device.type == "cpu" else low
+
+
+class TrainStep:
+    """forward + loss + backward + clip + optimizer step, optionally compiled.
+
+    `model` always holds the fp32 weights the optimizer updates (and that are saved and evaluated);
+    with precision "bf16-pure" forward and backward run on a bf16 copy whose gradients are copied back.
+    With "bf16" on CPU the model's own modules are swapped for the fused ones (same outputs in fp32).
+    Returns (loss, logits) detached, with no host sync: the caller decides when to read them.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
+                 compile: bool = False, clip_grad: float | None = 1.0,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = soft_cross_entropy) -> None:
+        if precision not in PRECISIONS or precision == "auto":
+            raise ValueError(f"TrainStep needs a resolved precision (fp32, bf16, bf16-pure), got {precision!r}")
+        self.model, self.optimizer = model, optimizer
+        self.device = next(model.parameters()).device
+        self.precision = precision
+        self.clip_grad = clip_grad
+        self.loss_fn = loss_fn
+        if precision == "bf16-pure":
+            self.compute = bf16_copy(model, self.device)
+        else:
+            self.compute = fuse_for_cpu_bf16(model) if precision == "bf16" and self.device.type == "cpu" else model
+        self.master = [p for p in model.parameters() if p.requires_grad]
+        self.low = [p for p in self.compute.parameters() if p.requires_grad]
+        self.forward = torch.compile(self.compute) if compile else self.compute
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pure = self.compute is not self.model
+        if pure:
+            with torch.no_grad():  # weights may have changed (optimizer, resume, EMA swap): recast them
+                torch._foreach_copy_(self.low, self.master)
+            self.compute.train(self.model.training)
+            images = images.to(torch.bfloat16)
+        with autocast(self.precision, self.device):
+            logits = self.forward(images)
+            loss = self.loss_fn(logits, target)
+        loss.backward()
+        if pure:
+            for m, p in zip(self.master, self.low):
+                m.grad, p.grad = p.grad.float() if p.grad is not None else None, None
+        if self.clip_grad:
+            nn.utils.clip_grad_norm_(self.master, self.clip_grad, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
