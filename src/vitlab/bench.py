@@ -53,14 +53,12 @@ class Timing:
 
 
 def timm_twin(model: VisionTransformer) -> nn.Module:
-    """timm's VisionTransformer with the same config and the same weights as `model`."""
-    import timm.models.vision_transformer as tv
-
-    from vitlab.convert.timm import timm_kwargs, to_timm
+    """timm's VisionTransformer (or distilled DeiT) with the same config and the same weights as `model`."""
+    from vitlab.convert.timm import timm_class, timm_kwargs, to_timm
 
     kw = timm_kwargs(model.cfg)
     kw.pop("dynamic_img_size", None)  # timm's fastest path: fixed input size
-    twin = tv.VisionTransformer(**kw)
+    twin = timm_class(model.cfg)(**kw)
     twin.load_state_dict(to_timm(model), strict=True)
     return twin
 

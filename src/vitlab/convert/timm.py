@@ -44,6 +44,13 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
     if cfg.use_patch_bias == cfg.pre_norm:
         problems.append(f"patch_bias={cfg.use_patch_bias} with pre_norm={cfg.pre_norm} "
                         "(timm ties the patch-embedding bias to `not pre_norm`)")
+    if cfg.stem != "patchify":
+        problems.append(f"stem={cfg.stem!r} (timm's ViT embeds patches with one strided conv)")
+    if cfg.pooling not in _TO_TIMM_POOL:
+        problems.append(f"pooling={cfg.pooling!r} (timm's ViT pools by {sorted(_TO_TIMM_POOL.values())})")
+    if cfg.distill_token and (cfg.pooling != "cls" or cfg.reg_tokens or not cfg.pos_embed_prefix):
+        problems.append("a distillation token with other than class-token pooling, registers or positions "
+                        "outside the prefix (timm's VisionTransformerDistilled has none of these)")
     mlp_ratio = cfg.mlp_dim / cfg.width
     if int(cfg.width * mlp_ratio) != cfg.mlp_dim:  # timm sizes the MLP as int(dim * mlp_ratio)
         problems.append(f"mlp_dim={cfg.mlp_dim} (int(width * mlp_ratio) gives {int(cfg.width * mlp_ratio)})")
@@ -66,8 +73,19 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
     )
 
 
+def timm_class(cfg: ViTConfig) -> type:
+    """timm's class for `cfg`: VisionTransformer, or DeiT's VisionTransformerDistilled with a distillation token."""
+    if cfg.distill_token:
+        from timm.models.deit import VisionTransformerDistilled
+
+        return VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    return TimmViT
+
+
 def to_timm(model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """A state dict that `VisionTransformer(**timm_kwargs(model.cfg))` loads with strict=True."""
+    """A state dict that `timm_class(cfg)(**timm_kwargs(cfg))` loads with strict=True."""
     timm_kwargs(model.cfg)  # raises if timm cannot hold this model
     state = dict(model.state_dict())
     if model.cfg.pos_embed == "sincos2d":  # a non-persistent buffer here, a learned table in timm

@@ -18,7 +18,8 @@ from vitlab.errors import VitlabError, check_fields
 from vitlab.model.hub import METADATA_KEYS
 
 POS_EMBEDS = ("learned", "sincos2d", "none")
-POOLINGS = ("cls", "gap", "map")
+POOLINGS = ("cls", "gap", "map", "seq")
+STEMS = ("patchify", "conv")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 # name -> (width, depth, heads, mlp_dim). The CIFAR-sized rows first, then big_vision's table.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -48,6 +49,8 @@ class ViTConfig:
     image_size: int = 224
     patch_size: int = 16
     in_channels: int = 3
+    stem: str = "patchify"  # patchify (one strided conv) | conv (a small convolutional tokenizer, CCT style)
+    stem_channels: tuple[int, ...] | None = None  # conv stem widths, one per halving; None: width/2^k ... width/2
     num_classes: int = 1000  # 0: no classifier, forward returns pooled features
     width: int = 768
     depth: int = 12
@@ -58,7 +61,8 @@ class ViTConfig:
     pos_embed_prefix: bool = True  # learned positions also cover class/register tokens (timm default)
     class_token: bool = True
     reg_tokens: int = 0
-    pooling: str = "cls"  # cls | gap | map
+    distill_token: bool = False  # DeiT: a second prefix token with its own head, trained to match a teacher
+    pooling: str = "cls"  # cls | gap | map | seq (CCT's attention-weighted mean of the patch tokens)
     dropout: float = 0.0  # after embeddings, attention projection and MLP (ViT paper)
     attn_dropout: float = 0.0
     head_dropout: float = 0.0
@@ -74,6 +78,8 @@ class ViTConfig:
     name: str = field(default="", compare=False)  # variant string it was made from, informative only
 
     def __post_init__(self) -> None:
+        if self.stem_channels is not None:  # JSON gives a list
+            self.stem_channels = tuple(int(c) for c in self.stem_channels)
         self.validate()
 
     # ---- derived quantities -------------------------------------------------------------------
@@ -87,7 +93,19 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.reg_tokens
+        return int(self.class_token) + int(self.distill_token) + self.reg_tokens
+
+    @property
+    def stem_stages(self) -> int:
+        """Halvings of the resolution in the conv stem: log2(patch_size)."""
+        return self.patch_size.bit_length() - 1
+
+    @property
+    def conv_stem_channels(self) -> tuple[int, ...]:
+        if self.stem_channels is not None:
+            return self.stem_channels
+        k = self.stem_stages
+        return tuple(max(8, self.width // 2 ** (k - i)) for i in range(k))
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +145,15 @@ class ViTConfig:
         for k in ("dropout", "attn_dropout", "head_dropout", "drop_path"):
             need(0.0 <= getattr(self, k) < 1.0, f"{k} must be in [0, 1), got {getattr(self, k)}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        need(self.stem in STEMS, f"stem {self.stem!r} unknown; choose one of {STEMS}")
+        if self.stem == "conv":
+            need(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
+                 f"the conv stem halves the resolution log2(patch_size) times: patch_size must be a power of 2 "
+                 f">= 2, got {self.patch_size}")
+            need(self.stem_channels is None or (len(self.stem_channels) == self.stem_stages
+                                                and all(c > 0 for c in self.stem_channels)),
+                 f"stem_channels needs {self.stem_stages} positive widths (one per halving), "
+                 f"got {self.stem_channels}")
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -140,7 +167,8 @@ class ViTConfig:
     def summary(self, params: int | None = None) -> str:
         """"tutorial 48w 4d 4h /4 32px (0.12M params)": what a run, `info`, `explain` and `convert` print."""
         size = f" ({params / 1e6:.2f}M params)" if params is not None else ""
-        return (f"{self.name or 'ViT'} {self.width}w {self.depth}d {self.heads}h /{self.patch_size} "
+        kind = " (conv stem)" if self.stem == "conv" else ""
+        return (f"{self.name or 'ViT'}{kind} {self.width}w {self.depth}d {self.heads}h /{self.patch_size} "
                 f"{self.image_size}px{size}")
 
 

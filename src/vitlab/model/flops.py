@@ -15,15 +15,29 @@ def flops_per_image(cfg: ViTConfig, *, image_size: int | None = None, training: 
     n = (size // cfg.patch_size) ** 2
     N = n + cfg.num_prefix_tokens
     D, M, L = cfg.width, cfg.mlp_dim, cfg.depth
-    macs = n * D * cfg.in_channels * cfg.patch_size**2  # patch embedding
+    macs = stem_macs(cfg, size)
     per_block = N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * M  # qkv, QK^T + AV, proj, MLP
     macs += L * per_block
     if cfg.pooling == "map":
         macs += D * D + n * D * 2 * D + 2 * n * D + D * D + 2 * D * M
     if cfg.pre_logits_dim:
         macs += D * cfg.pre_logits_dim
-    macs += (cfg.pre_logits_dim or D) * cfg.num_classes
+    if cfg.pooling == "seq":
+        macs += n * D
+    macs += (cfg.pre_logits_dim or D) * cfg.num_classes + (D * cfg.num_classes if cfg.distill_token else 0)
     return 2 * macs * (3 if training else 1)
+
+
+def stem_macs(cfg: ViTConfig, image_size: int | None = None) -> int:
+    """Multiply-adds of the stem: the patchify conv, or the conv stem's 3x3 convs and its 1x1 projection."""
+    size = image_size or cfg.image_size
+    if cfg.stem == "patchify":
+        return (size // cfg.patch_size) ** 2 * cfg.width * cfg.in_channels * cfg.patch_size**2
+    macs, c_in = 0, cfg.in_channels
+    for c_out in cfg.conv_stem_channels:  # each 3x3 conv runs at the resolution before its pooling halves it
+        macs += size * size * 9 * c_in * c_out
+        size, c_in = (size + 1) // 2, c_out
+    return macs + size * size * c_in * cfg.width
 
 
 def activation_bytes_per_image(cfg: ViTConfig, *, bytes_per_value: int = 4, fused_attention: bool = True) -> int:

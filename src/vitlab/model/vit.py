@@ -59,6 +59,31 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
 
 
+class ConvStem(nn.Module):
+    """A convolutional tokenizer (CCT; "Early convolutions help transformers see better"): per halving of the
+    resolution a 3x3 conv -> BatchNorm -> ReLU -> 3x3/2 max-pool, then a 1x1 conv to the width. It ends at
+    the patchify stem's token grid (H/P x W/P), so the encoder after it is unchanged."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        chans = (cfg.in_channels, *cfg.conv_stem_channels)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.MaxPool2d(3, stride=2, padding=1)]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(chans[-1], cfg.width, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise VitlabError(f"input {H}x{W} is not divisible by the stem's downsampling {self.patch_size}")
+        x = self.proj(self.convs(x))  # (B, C, H, W) -> ... -> (B, D, H/P, W/P)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) in fp32: the matrix fused attention computes but never shows."""
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
@@ -207,8 +232,9 @@ class VisionTransformer(PretrainedMixin, nn.Module):
         self.num_features = D
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg) if cfg.stem == "patchify" else ConvStem(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distill_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
         if cfg.pos_embed == "learned":
             n = cfg.num_patches + (cfg.num_prefix_tokens if cfg.pos_embed_prefix else 0)
@@ -230,6 +256,7 @@ class VisionTransformer(PretrainedMixin, nn.Module):
 
         self.attn_pool = MAPHead(D, heads=cfg.heads, mlp_dim=cfg.mlp_dim, norm_eps=cfg.norm_eps,
                                  activation=cfg.activation) if cfg.pooling == "map" else None
+        self.seq_pool = nn.Linear(D, 1) if cfg.pooling == "seq" else None  # a score per token (CCT)
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         if cfg.pre_logits_dim:
             self.pre_logits = nn.Linear(D, cfg.pre_logits_dim)
@@ -238,6 +265,9 @@ class VisionTransformer(PretrainedMixin, nn.Module):
             self.pre_logits = None
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        # DeiT: the distillation token's own classifier; eval averages the two heads
+        self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distill_token and cfg.num_classes else None
+        self.distilled_training = False  # set_distilled_training: training forward returns both heads
         self.init_weights()
 
     # ---- initialisation (timm's default 'vit' scheme) ---------------------------------------------
@@ -254,6 +284,8 @@ class VisionTransformer(PretrainedMixin, nn.Module):
         for tok in (self.cls_token, self.reg_token):
             if tok is not None:
                 nn.init.normal_(tok, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # as timm's distilled DeiT
         if self.attn_pool is not None:
             s = self.cfg.width**-0.5
             nn.init.trunc_normal_(self.attn_pool.latent, std=s, a=-2 * s, b=2 * s)
@@ -261,10 +293,14 @@ class VisionTransformer(PretrainedMixin, nn.Module):
     # ---- timm-style API ---------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """Parameter names that AdamW should not decay (tokens and positions; norms/biases go by ndim)."""
-        return {"pos_embed", "cls_token", "reg_token", "attn_pool.latent"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token", "attn_pool.latent"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's switch: in training mode, forward returns (class-head logits, distillation-head logits)."""
+        self.distilled_training = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -290,7 +326,7 @@ class VisionTransformer(PretrainedMixin, nn.Module):
         pre_pos, patch_pos = self._pos_embed(grid)
         if patch_pos is not None:
             x = x + patch_pos
-        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if prefix:
             pre = torch.cat(prefix, dim=1)  # (1, prefix, D)
             if pre_pos is not None:  # added once, before the batch broadcast: the same sums, fewer of them
@@ -357,17 +393,33 @@ class VisionTransformer(PretrainedMixin, nn.Module):
         patches = x[:, self.num_prefix_tokens:]
         if self.cfg.pooling == "gap":
             return patches.mean(dim=1)
+        if self.cfg.pooling == "seq":
+            weights = self.seq_pool(patches).softmax(dim=1)  # (B, N, 1)
+            return (weights * patches).sum(dim=1)
         return self.attn_pool(patches)
 
-    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False):
+        """(B, prefix + N, D) -> logits (B, num_classes); features (B, D) with `pre_logits`."""
+        dist = x[:, int(self.cfg.class_token)] if self.dist_token is not None else None  # (B, D)
         x = self.fc_norm(self.pool(x))  # (B, D)
         if self.pre_logits is not None:
             x = torch.tanh(self.pre_logits(x))
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)  # (B, num_classes)
+        if pre_logits:
+            return x
+        logits = self.head(x)  # (B, num_classes)
+        if self.head_dist is None:
+            return logits
+        dist = self.head_dist(self.head_drop(dist))
+        if self.distilled_training and self.training:
+            return logits, dist
+        return (logits + dist) / 2
 
     def forward(self, x: torch.Tensor, *, return_attention: bool = False):
-        """(B, C, H, W) -> logits (B, num_classes); with `return_attention` also the per-block probabilities."""
+        """(B, C, H, W) -> logits (B, num_classes); with `return_attention` also the per-block probabilities.
+
+        A distilled model in distilled training returns (class-head, distillation-head) logits instead.
+        """
         if return_attention:
             feats, attns = self.forward_attention(x)
             return self.forward_head(feats), attns

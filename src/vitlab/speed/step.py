@@ -56,6 +56,10 @@ class TrainStep:
             self.compute = fuse_for_cpu_bf16(model) if precision == "bf16" and self.device.type == "cpu" else model
         self.master = [p for p in model.parameters() if p.requires_grad]
         self.low = [p for p in self.compute.parameters() if p.requires_grad]
+        # saved buffers (BatchNorm's running statistics) are updated by the copy's forward: carried both ways
+        saved, low_buffers = model.state_dict().keys(), dict(self.compute.named_buffers())
+        self.buffers = [(b, low_buffers[n]) for n, b in model.named_buffers() if n in saved] \
+            if self.compute is not model else []
         self.forward = torch.compile(self.compute) if compile else self.compute
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +67,8 @@ class TrainStep:
         if pure:
             with torch.no_grad():  # weights may have changed (optimizer, resume, EMA swap): recast them
                 torch._foreach_copy_(self.low, self.master)
+                for master, low in self.buffers:
+                    low.copy_(master)
             self.compute.train(self.model.training)
             images = images.to(torch.bfloat16)
         with autocast(self.precision, self.device):
@@ -70,6 +76,9 @@ class TrainStep:
             loss = self.loss_fn(logits, target)
         loss.backward()
         if pure:
+            with torch.no_grad():
+                for master, low in self.buffers:
+                    master.copy_(low)
             for m, p in zip(self.master, self.low):
                 m.grad, p.grad = p.grad.float() if p.grad is not None else None, None
         if self.clip_grad:
