@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from vitlab.errors import VitlabError
+
 
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed matrices, and everything that should not shrink towards zero.
@@ -31,12 +33,108 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     ]
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
-                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay, Loshchilov & Hutter) over `param_groups(model)`."""
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay=weight_decay)]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+                     betas: tuple[float, float] = (0.9, 0.999), optimizer: str = "adamw",
+                     momentum: float = 0.95) -> torch.optim.Optimizer | OptimizerGroup:
+    """AdamW (decoupled weight decay, Loshchilov & Hutter) over `param_groups(model)`; or, with
+    optimizer="muon", torch's Muon for the hidden 2-D weights (`muon_params`) and AdamW for the rest.
+
+    Muon scales its update to AdamW's RMS (adjust_lr_fn="match_rms_adamw", Moonshot's "Muon is scalable"),
+    so both share one learning rate, schedule and weight decay.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise VitlabError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
+    hidden = muon_params(model) if optimizer == "muon" else {}
+    groups = [{"params": [p for n, p in zip(g["names"], g["params"]) if n not in hidden],
+               "weight_decay": g["weight_decay"]} for g in param_groups(model, weight_decay=weight_decay)]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, weight_decay=weight_decay)
+    if not hidden:
+        return adamw
+    params = dict(model.named_parameters())
+    by_split: dict[int, list] = {}
+    for name, chunks in hidden.items():
+        by_split.setdefault(chunks, []).append(params[name])
+    muon = SplitMuon([{"params": ps, "chunks": k} for k, ps in sorted(by_split.items())], lr=lr,
+                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+    return OptimizerGroup([adamw, muon])
+
+
+def muon_params(model: nn.Module) -> dict[str, int]:
+    """Names of the weights Muon orthogonalises -> how many matrices each holds along dim 0.
+
+    The hidden 2-D weights: every Linear inside the transformer blocks and the MAP head (fused qkv counts
+    as 3 matrices, the MAP head's kv as 2). Embeddings, the conv stem, the classifier heads, norms, biases,
+    tokens and positions stay on AdamW (Muon is for hidden layers only).
+    """
+    out = {}
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and ("blocks" in parts or "attn_pool" in parts):
+            out[f"{name}.weight"] = 3 if parts[-1] == "qkv" else 2 if parts[-1] == "kv" else 1
+    return out
+
+
+class SplitMuon(torch.optim.Muon):
+    """torch.optim.Muon that orthogonalises a fused weight as separate matrices: a group's "chunks" > 1
+    hands Muon's update views of the weight, its gradient and its momentum, cut along dim 0."""
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
+        has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        k = group.get("chunks", 1)
+        if k > 1:
+            for lst in (params_with_grad, grads, muon_momentum_bufs):
+                lst[:] = [piece for t in lst for piece in t.chunk(k, dim=0)]
+        return has_complex
+
+
+class OptimizerGroup:
+    """Several optimizers stepped as one: their param_groups side by side (a schedule sets every group's
+    lr), one state dict in torch's layout (parameter indices numbered across the optimizers)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizers[0].defaults
+
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({offset + i: s for i, s in sd["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups, offset = list(state_dict["param_groups"]), 0
+        for o in self.optimizers:
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            n = sum(len(g["params"]) for g in mine)
+            o.load_state_dict({"state": {int(i) - offset: s for i, s in state_dict["state"].items()
+                                         if offset <= int(i) < offset + n},
+                               "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
+            offset += n
 
 
 @dataclass(frozen=True)
