@@ -1,0 +1,210 @@
+"""Data-parallel helpers on torch.distributed: what `torchrun` set, the process group, DDP, shards, reductions.
+
+`torchrun --nproc_per_node N -m vitlab train ...` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK (and
+MASTER_ADDR / MASTER_PORT) in their environment; `init_distributed` reads them and joins the group (gloo on a
+CPU, NCCL on CUDA). Without them everything here is a no-op for one process, so the same code runs either way.
+
+Each rank trains on a disjoint shard of every epoch's permutation, drawn exactly as torch's
+`DistributedSampler` draws it (a generator seeded with seed + epoch), so a run's data order depends only on
+(seed, epoch, world size), never on which process asks. Only rank 0 writes (`is_main`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vitlab.errors import VitlabError
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job: global rank, number of processes, rank on this machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """The DistEnv torchrun describes in the environment; one process (rank 0 of 1) when it set nothing."""
+    env = os.environ if environ is None else environ
+    values = {}
+    for name in ENV_VARS:
+        raw = env.get(name, "")
+        try:
+            values[name] = int(raw) if raw != "" else None
+        except ValueError:
+            raise VitlabError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it)") from None
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world is None:
+        if rank not in (None, 0):
+            raise VitlabError(f"RANK={rank} is set but WORLD_SIZE is not; launch with torchrun")
+        return DistEnv()
+    rank = 0 if rank is None else rank
+    local = rank if local is None else local
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise VitlabError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: need 0 <= RANK < WORLD_SIZE")
+    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def init_distributed(device: str | torch.device = "cpu", *, backend: str | None = None,
+                     timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group torchrun describes (no-op for one process or when already joined).
+
+    backend None: "nccl" for a CUDA device (each process on cuda:LOCAL_RANK), else "gloo". Rendezvous is
+    torchrun's env:// (MASTER_ADDR, MASTER_PORT), which also covers several machines (--nnodes).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), detect().local_rank)
+    env = detect()
+    if not env.distributed:
+        return env
+    if not dist.is_available():
+        raise VitlabError("this PyTorch build has no torch.distributed; run one process")
+    device = torch.device(device)
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)  # before the group, so NCCL binds each rank to its own GPU
+    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return env
+
+
+def local_device(device: str | torch.device) -> torch.device:
+    """The device this rank uses: cuda:LOCAL_RANK for a CUDA device under torchrun, else `device` itself."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", detect().local_rank)
+    return device
+
+
+def close_distributed() -> None:
+    """Leave the process group (at the end of a run) if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _joined() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if _joined() else 1
+
+
+def is_main() -> bool:
+    """True on the one process that writes the run dir, metrics, checkpoints and progress bars."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if _joined():
+        dist.barrier()
+
+
+# ---- the model -------------------------------------------------------------------------------------------
+def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
+    """`model` in DistributedDataParallel when this process is in a group of several, else `model` itself.
+
+    The model must already be on its device (cuda:LOCAL_RANK or the CPU). DDP broadcasts rank 0's weights
+    at construction, so every rank starts from the same model even if their initialisations differed.
+    """
+    if get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (what is saved and evaluated); anything else unchanged."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---- the data --------------------------------------------------------------------------------------------
+def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of `n` examples in `epoch`: torch's DistributedSampler draw (seed + epoch)."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def shard(indices: torch.Tensor, *, rank: int, world_size: int,
+          mode: Literal["pad", "drop", "exact"] = "pad") -> torch.Tensor:
+    """This rank's share of `indices`: every world_size-th one, starting at `rank`.
+
+    "pad": repeat indices from the start until all ranks get as many (DistributedSampler's default);
+    "drop": cut the tail instead (drop_last=True); "exact": no padding, ranks may differ by one, and every
+    index lands on exactly one rank (evaluation, where sums over ranks must count each example once).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    n = len(indices)
+    if mode == "pad":
+        total = -(-n // world_size) * world_size
+        if total > n and n:
+            reps = -(-(total - n) // n)
+            indices = torch.cat([indices, indices.repeat(reps)[: total - n]])
+    elif mode == "drop":
+        indices = indices[: n - n % world_size] if n % world_size else indices
+    elif mode != "exact":
+        raise ValueError(f"shard mode must be 'pad', 'drop' or 'exact', not {mode!r}")
+    return indices[rank::world_size]
+
+
+def shard_permutation(n: int, *, seed: int, epoch: int, rank: int, world_size: int,
+                      drop_last: bool = False) -> torch.Tensor:
+    """This rank's examples of `epoch`, in order: `list(DistributedSampler(...))` after `set_epoch(epoch)`."""
+    perm = epoch_permutation(n, seed=seed, epoch=epoch)
+    return shard(perm, rank=rank, world_size=world_size, mode="drop" if drop_last else "pad")
+
+
+# ---- collectives -----------------------------------------------------------------------------------------
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+    """{name: sum over ranks} of this rank's numbers (e.g. correct, seen, loss sum), in one float64 all-reduce.
+
+    float64 so counts up to 2^53 stay exact; one process returns its own values.
+    """
+    names = list(values)
+    local = torch.tensor([float(values[k]) for k in names], dtype=torch.float64)
+    if get_world_size() > 1 and names:
+        local = local.to(_collective_device())
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return dict(zip(names, local.cpu().tolist()))
+
+
+def broadcast_object(obj: Any = None, *, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (picklable; e.g. the time budget's step count, decided on rank 0)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
