@@ -11,9 +11,6 @@ from safetensors.torch import save_file
 from vitlab.cli import main
 from vitlab.model import VisionTransformer
 
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
-
 
 def _noisy(m: torch.nn.Module) -> torch.nn.Module:
     """Shift every parameter off its init, so swapped or skipped weights show in the outputs."""
@@ -34,6 +31,7 @@ def _check_same(out_dir, ref: torch.nn.Module, image_size: int = 32, pick=lambda
 
 def test_timm_hub_directory_with_architecture(tmp_path, capsys):
     """A directory as timm's own save_for_hf writes it (config.json with architecture + model_args)."""
+    timm = pytest.importorskip("timm")
     from timm.models._hub import save_for_hf
 
     tm = _noisy(timm.create_model("vit_medium_patch16_reg4_gap_256", pretrained=False, embed_dim=32, depth=2,
@@ -49,7 +47,7 @@ def test_timm_hub_directory_with_architecture(tmp_path, capsys):
 
 def test_timm_bare_safetensors_with_variant(tmp_path):
     """No config.json: --variant (+ --image-size) describes it, the rest comes from the keys."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    TimmViT = pytest.importorskip("timm.models.vision_transformer").VisionTransformer
 
     from vitlab.convert import timm_kwargs
     from vitlab.model import parse_variant
@@ -65,6 +63,7 @@ def test_timm_bare_safetensors_with_variant(tmp_path):
 
 @pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "ViTModel"])
 def test_hf_directory(cls_name, tmp_path):
+    transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                     intermediate_size=64, image_size=32, patch_size=8,
                                     id2label={0: "ant", 1: "bee", 2: "cow"})
@@ -79,6 +78,7 @@ def test_hf_directory(cls_name, tmp_path):
 
 
 def _hf_dir(tmp_path):
+    transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=64, image_size=32, patch_size=8)
     transformers.ViTModel(config).save_pretrained(tmp_path / "hf")

@@ -12,14 +12,18 @@ from PIL import Image
 from vitlab.cli import main
 from vitlab.model import create_model
 
-pytest.importorskip("matplotlib")
-
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TINY = dict(width=16, depth=2, heads=2, mlp_dim=32, image_size=16, patch_size=4, num_classes=10)
 ALWAYS = {"position_similarity.png", "patch_filters.png", "training_curves.png"}
 WITH_IMAGES = {"attention_heads.png", "attention_layers.png", "attention_rollout.png", "attention_distance.png",
                "embeddings.png"}
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+@pytest.fixture
+def matplotlib():
+    """The drawing tests need the plot extra; only they skip without it."""
+    return pytest.importorskip("matplotlib")
 
 
 def make_run(path, *, confusion=False, **overrides):
@@ -68,7 +72,7 @@ def check_report(out, expected_pngs):
     dict(pooling="map", class_token=False, pos_embed="sincos2d"),
     dict(reg_tokens=2, pos_embed_prefix=False),
 ], ids=["cls", "gap", "map-sincos", "cls-registers"])
-def test_explain_image_files(tmp_path, capsys, overrides):
+def test_explain_image_files(matplotlib, tmp_path, capsys, overrides):
     run = make_run(tmp_path / "run", **overrides)
     images = write_images(tmp_path / "cat", 3)  # a folder named like a class: the true label is known
     out = tmp_path / "out"
@@ -82,7 +86,7 @@ def test_explain_image_files(tmp_path, capsys, overrides):
     assert "wrote 9 figures" in capsys.readouterr().out
 
 
-def test_explain_timm_conversion(tmp_path):
+def test_explain_timm_conversion(matplotlib, tmp_path):
     """A timm model (registers, positions without the prefix, MAP head) converted and saved explains too."""
     timm = pytest.importorskip("timm")
     from vitlab.convert import from_timm
@@ -96,7 +100,7 @@ def test_explain_timm_conversion(tmp_path):
     check_report(out, (ALWAYS - {"training_curves.png"}) | WITH_IMAGES | {"confusion_matrix.png"})
 
 
-def test_explain_clip_image_tower(tmp_path, capsys):
+def test_explain_clip_image_tower(matplotlib, tmp_path, capsys, tiny_cifar):
     """A saved SigLIP model: its image tower (MAP pooling, no classifier) is explained."""
     from vitlab.clip import CLIPConfig, TextConfig, create_clip
     from vitlab.clip.tokenizer import ByteTokenizer
@@ -114,13 +118,13 @@ def test_explain_clip_image_tower(tmp_path, capsys):
                         | (WITH_IMAGES - {"embeddings.png"}))
     assert "image tower of a SIGLIP model" in page and "MAP head" in page
     # CIFAR test images bring their labels: the embedding map is coloured by CIFAR's classes
-    data = fake_cifar(tmp_path / "cifar", 12)
+    data = tiny_cifar(tmp_path / "cifar", test=12)
     assert main(["explain", str(tmp_path / "siglip"), "--test-images", "12", "--data", str(data), "--out",
                  str(tmp_path / "out2")]) == 0
     check_report(tmp_path / "out2", {"position_similarity.png", "patch_filters.png"} | WITH_IMAGES)
 
 
-def test_explain_without_position_embedding_uses_eval_json(tmp_path, capsys):
+def test_explain_without_position_embedding_uses_eval_json(matplotlib, tmp_path, capsys):
     run = make_run(tmp_path / "run", pos_embed="none", confusion=True)
     images = write_images(tmp_path / "unlabelled", 2)
     out = tmp_path / "out"
@@ -131,19 +135,8 @@ def test_explain_without_position_embedding_uses_eval_json(tmp_path, capsys):
     assert "note: " in capsys.readouterr().out
 
 
-def fake_cifar(root, n):
-    """A CIFAR-10 binary-layout test split of n random images (label byte + 3072 pixel bytes each)."""
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    records = np.concatenate([(np.arange(n) % 10)[:, None], rng.integers(0, 256, (n, 3072))], axis=1)
-    (root / "test_batch.bin").write_bytes(records.astype(np.uint8).tobytes())
-    (root / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n")
-    return root
-
-
-def test_explain_test_images(tmp_path):
-    pytest.importorskip("vitlab.data", reason="the data package is not available")
-    data = fake_cifar(tmp_path / "cifar", 24)
+def test_explain_test_images(matplotlib, tmp_path, tiny_cifar):
+    data = tiny_cifar(tmp_path / "cifar", test=24)
     run = make_run(tmp_path / "run", pooling="gap", reg_tokens=1)
     assert main(["explain", str(run), "--test-images", "20", "--data", str(data), "--batch-size", "8",
                  "--show", "3"]) == 0
@@ -154,7 +147,7 @@ def test_explain_test_images(tmp_path):
         assert im.size[1] > 3 * 150  # three image rows drawn
 
 
-def test_explain_real_cifar(tmp_path, cifar_dir):
+def test_explain_real_cifar(matplotlib, tmp_path, cifar_dir):
     run = make_run(tmp_path / "run", image_size=32)
     assert main(["explain", str(run), "--test-images", "16", "--data", str(cifar_dir), "--out",
                  str(tmp_path / "o")]) == 0
@@ -169,13 +162,25 @@ def test_explain_real_cifar(tmp_path, cifar_dir):
     (["{run}", "--test-images", "0"], "at least 1"),
     (["{tmp}"], "no config.json"),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, words):
+def test_bad_input_is_one_line_exit_2(matplotlib, tmp_path, capsys, args, words):
     run = make_run(tmp_path / "run")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     argv = ["explain"] + [a.format(tmp=tmp_path, run=run) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("vitlab explain: error:") and words in err
+
+
+def test_without_matplotlib_one_line_names_the_extra(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    assert main(["explain", str(make_run(tmp_path / "run")), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'vitlab[plot]'" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_notebook_api_matches_cli_numbers(tmp_path):
@@ -192,7 +197,7 @@ def test_notebook_api_matches_cli_numbers(tmp_path):
     assert an.attns[0].shape == (2, 2, 17, 17)
 
 
-def test_weight_only_report(tmp_path):
+def test_weight_only_report(matplotlib, tmp_path):
     """Without images, explain_run still draws the weight views and the run's metrics."""
     from vitlab.inspect import load_run
     from vitlab.inspect.explain import explain_run

@@ -3,16 +3,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
-from vitlab.model import VisionTransformer, create_model, flops_per_image, parse_variant
+from vitlab.model import VisionTransformer, create_model
 from vitlab.model.posemb import resample_grid, sincos_2d
-
-timm = pytest.importorskip("timm")
 
 
 def timm_params(**kw) -> int:
+    """Parameters of timm's VisionTransformer(**kw); skips (this test only) without timm."""
+    timm = pytest.importorskip("timm")
     return sum(p.numel() for p in timm.models.vision_transformer.VisionTransformer(**kw).parameters())
 
 
@@ -83,7 +82,7 @@ def test_seeded_init_is_reproducible_and_matches_timm_scheme():
 
 
 def test_other_input_size_resamples_positions_like_timm():
-    from timm.layers import resample_abs_pos_embed
+    resample_abs_pos_embed = pytest.importorskip("timm.layers").resample_abs_pos_embed
 
     pos = torch.randn(1, 64, 48)
     ours = resample_grid(pos, (8, 8), (12, 10))
@@ -161,15 +160,3 @@ def test_no_weight_decay_names_exist():
     names = dict(model.named_parameters())
     assert {"pos_embed", "cls_token", "reg_token"} <= model.no_weight_decay()
     assert {"pos_embed", "cls_token", "reg_token"} <= set(names)
-
-
-@pytest.mark.parametrize("variant, kw", [("seed", {}), ("Ti/4", dict(image_size=32, num_classes=10)),
-                                         ("seed", dict(pooling="map", class_token=False))])
-def test_flops_estimate_matches_torch_flop_counter(variant, kw):
-    cfg = parse_variant(variant, **kw)
-    model = VisionTransformer(cfg).eval().requires_grad_(False)
-    with FlopCounterMode(display=False) as counter:
-        # the explicit-attention path, since the counter does not see inside CPU fused SDPA
-        model(torch.randn(1, 3, cfg.image_size, cfg.image_size), return_attention=True)
-    measured = counter.get_total_flops()
-    assert abs(flops_per_image(cfg) - measured) / measured < 0.01
