@@ -1,4 +1,4 @@
-"""Hugging Face CLIP / SigLIP -> vitlab, on state dicts and config dicts (so a hub directory converts too).
+"""Hugging Face CLIP / SigLIP <-> vitlab, on state dicts and config dicts (so a hub directory converts too).
 
 Supported: `CLIPModel`, `CLIPVisionModel`, `SiglipModel`, `SiglipVisionModel` (hub files and transformers-5
 in-memory names; vision-only checkpoints with or without the `vision_model.` prefix). Whole models become a
@@ -6,17 +6,22 @@ in-memory names; vision-only checkpoints with or without the `vision_model.` pre
 `pooler_output`. Every HF tensor must be used and every vitlab tensor filled, or a VitlabError lists them.
 
 Per encoder layer: layer_norm1/2 -> norm1/2, self_attn.{q,k,v}_proj -> attn.qkv (concatenated in that
-order), self_attn.out_proj -> attn.proj, mlp.fc1/fc2 -> mlp.fc1/fc2.
+order), self_attn.out_proj -> attn.proj, mlp.fc1/fc2 -> mlp.fc1/fc2. One plan of names (`_plan`) serves
+both directions: `to_hf_clip` writes a whole vitlab CLIP / SigLIP model as HF's CLIPModel / SiglipModel.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
 from vitlab.clip.config import CLIPConfig, TextConfig
+from vitlab.clip.losses import MAX_CLIP_SCALE
 from vitlab.clip.model import CLIPModel, create_clip
+from vitlab.convert.hf_vit import describe_feature, effective_fields
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig
 from vitlab.model.vit import VisionTransformer
@@ -114,7 +119,81 @@ def clip_config_from_hf(d: dict, family: str) -> CLIPConfig:
     return CLIPConfig(vision=vision, text=text, kind="siglip", embed_dim=vision.width)
 
 
-# ---- state dicts ----------------------------------------------------------------------------------------
+# ---- state dicts: one plan of (our names, HF names), applied in either direction --------------------------
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """Our tensor(s) and HF's tensor(s) holding the same numbers, each side stacked along dim 0 in order.
+
+    q, k, v projections: one fused qkv here, three in HF. MAP head: q and kv here, one packed in_proj in HF.
+    hf_shape: HF's shape where it differs from ours (ours comes from the model being filled).
+    """
+
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+    hf_shape: tuple[int, ...] | None = None
+
+
+def _same(ours: str, theirs: str, params: tuple[str, ...] = ("weight", "bias")) -> list[_Pair]:
+    return [_Pair((f"{ours}.{p}",), (f"{theirs}.{p}",)) for p in params]
+
+
+def _encoder(theirs: str, ours: str, depth: int) -> list[_Pair]:
+    plan = []
+    for i in range(depth):
+        h, o = f"{theirs}encoder.layers.{i}.", f"{ours}blocks.{i}."
+        for hn, on in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            plan += _same(o + on, h + hn)
+        for p in ("weight", "bias"):  # (3D, D) / (3D,), q then k then v
+            plan.append(_Pair((f"{o}attn.qkv.{p}",), tuple(f"{h}self_attn.{n}_proj.{p}" for n in "qkv")))
+    return plan
+
+
+def _vision(cfg: ViTConfig, family: str, theirs: str, ours: str) -> list[_Pair]:
+    D = cfg.width
+    e = f"{theirs}embeddings."
+    plan = _same(f"{ours}patch_embed.proj", f"{e}patch_embedding",
+                 ("weight", "bias") if cfg.use_patch_bias else ("weight",))
+    plan.append(_Pair((f"{ours}pos_embed",), (f"{e}position_embedding.weight",), (-1, D)))
+    plan += _encoder(theirs, ours, cfg.depth)
+    if family == "clip":
+        plan.append(_Pair((f"{ours}cls_token",), (f"{e}class_embedding",), (D,)))
+        return plan + _same(f"{ours}norm_pre", f"{theirs}pre_layrnorm") + \
+            _same(f"{ours}fc_norm", f"{theirs}post_layernorm")
+    plan += _same(f"{ours}norm", f"{theirs}post_layernorm")
+    if cfg.pooling != "map":
+        return plan
+    h, o = f"{theirs}head.", f"{ours}attn_pool."
+    plan.append(_Pair((f"{o}latent",), (f"{h}probe",)))
+    for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v: q -> our q, (k, v) -> our kv
+        plan.append(_Pair((f"{o}q.{p}", f"{o}kv.{p}"), (f"{h}attention.in_proj_{p}",)))
+    return plan + _same(f"{o}proj", f"{h}attention.out_proj") + _same(f"{o}norm", f"{h}layernorm") + \
+        _same(f"{o}mlp.fc1", f"{h}mlp.fc1") + _same(f"{o}mlp.fc2", f"{h}mlp.fc2")
+
+
+def _text(cfg: TextConfig, family: str) -> list[_Pair]:
+    t = "text_model."
+    plan = [_Pair(("text.token_embedding.weight",), (f"{t}embeddings.token_embedding.weight",)),
+            _Pair(("text.pos_embed",), (f"{t}embeddings.position_embedding.weight",), (-1, cfg.width))]
+    plan += _encoder(t, "text.", cfg.depth) + _same("text.norm", f"{t}final_layer_norm")
+    if family == "clip":
+        return plan + _same("text_projection", "text_projection", ("weight",))
+    return plan + _same("text_projection", f"{t}head")
+
+
+def _plan(cfg: CLIPConfig | ViTConfig, family: str) -> list[_Pair]:
+    """Every tensor of a vision-only model (a ViTConfig) or a whole CLIP / SigLIP model (a CLIPConfig)."""
+    if isinstance(cfg, ViTConfig):
+        return _vision(cfg, family, "", "")
+    plan = _vision(cfg.vision, family, "vision_model.", "vision.") + _text(cfg.text, family)
+    if family == "clip":
+        plan += _same("visual_projection", "visual_projection", ("weight",))
+    plan.append(_Pair(("logit_scale",), ("logit_scale",), () if family == "clip" else (1,)))  # () ours
+    if family == "siglip":
+        plan.append(_Pair(("logit_bias",), ("logit_bias",), (1,)))
+    return plan
+
+
 class _Source:
     """The HF state dict being consumed: `take` pops a tensor, remembering names that were not there."""
 
@@ -129,67 +208,35 @@ class _Source:
             return None
         return self.state.pop(key)
 
-    def move(self, out: dict, ours: str, theirs: str, *, params: tuple[str, ...] = ("weight", "bias")) -> None:
-        for p in params:
-            t = self.take(f"{theirs}.{p}")
-            if t is not None:
-                out[f"{ours}.{p}"] = t
+
+def _from_hf(src: _Source, plan: list[_Pair], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Our state dict from the HF tensors; shapes are the target model's (a wrong size is left for load_into)."""
+    out = {}
+    for pair in plan:
+        parts = [src.take(k) for k in pair.theirs]
+        if any(t is None for t in parts):
+            continue
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        want = [shapes[k] for k in pair.ours]
+        sizes = [w[0] for w in want] if len(want) > 1 else None
+        pieces = t.split(sizes) if sizes and t.ndim and sum(sizes) == t.shape[0] else [t]
+        for k, piece, shape in zip(pair.ours, pieces, want):
+            out[k] = piece.reshape(shape) if piece.numel() == shape.numel() else piece
+    return out
 
 
-def _put(out: dict, key: str, t: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> None:
-    if t is not None:
-        out[key] = t.reshape(shape) if shape is not None else t
-
-
-def _encoder(src: _Source, out: dict, theirs: str, ours: str, depth: int) -> None:
-    for i in range(depth):
-        h, o = f"{theirs}encoder.layers.{i}.", f"{ours}blocks.{i}."
-        for hn, on in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
-                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-            src.move(out, o + on, h + hn)
-        for p in ("weight", "bias"):
-            qkv = [src.take(f"{h}self_attn.{n}_proj.{p}") for n in "qkv"]
-            if all(t is not None for t in qkv):
-                out[f"{o}attn.qkv.{p}"] = torch.cat(qkv)  # (3D, D) / (3D,), q then k then v
-
-
-def _vision(src: _Source, out: dict, cfg: ViTConfig, family: str, theirs: str, ours: str) -> None:
-    D = cfg.width
-    e = f"{theirs}embeddings."
-    src.move(out, f"{ours}patch_embed.proj", f"{e}patch_embedding",
-             params=("weight", "bias") if cfg.use_patch_bias else ("weight",))
-    _put(out, f"{ours}pos_embed", src.take(f"{e}position_embedding.weight"), (1, -1, D))
-    _encoder(src, out, theirs, ours, cfg.depth)
-    if family == "clip":
-        _put(out, f"{ours}cls_token", src.take(f"{e}class_embedding"), (1, 1, D))
-        src.move(out, f"{ours}norm_pre", f"{theirs}pre_layrnorm")
-        src.move(out, f"{ours}fc_norm", f"{theirs}post_layernorm")
-        return
-    src.move(out, f"{ours}norm", f"{theirs}post_layernorm")
-    if cfg.pooling != "map":
-        return
-    h, o = f"{theirs}head.", f"{ours}attn_pool."
-    _put(out, f"{o}latent", src.take(f"{h}probe"), (1, 1, D))
-    for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v: q -> our q, (k, v) -> our kv
-        t = src.take(f"{h}attention.in_proj_{p}")
-        if t is not None:
-            out[f"{o}q.{p}"], out[f"{o}kv.{p}"] = t[:D], t[D:]
-    src.move(out, f"{o}proj", f"{h}attention.out_proj")
-    src.move(out, f"{o}norm", f"{h}layernorm")
-    src.move(out, f"{o}mlp.fc1", f"{h}mlp.fc1")
-    src.move(out, f"{o}mlp.fc2", f"{h}mlp.fc2")
-
-
-def _text(src: _Source, out: dict, cfg: TextConfig, family: str) -> None:
-    t = "text_model."
-    _put(out, "text.token_embedding.weight", src.take(f"{t}embeddings.token_embedding.weight"))
-    _put(out, "text.pos_embed", src.take(f"{t}embeddings.position_embedding.weight"), (1, -1, cfg.width))
-    _encoder(src, out, t, "text.", cfg.depth)
-    src.move(out, "text.norm", f"{t}final_layer_norm")
-    if family == "clip":
-        src.move(out, "text_projection", "text_projection", params=("weight",))
-    else:
-        src.move(out, "text_projection", f"{t}head")
+def _to_hf(state: dict[str, torch.Tensor], plan: list[_Pair]) -> dict[str, torch.Tensor]:
+    """HF's state dict from ours (each tensor its own contiguous copy: safetensors refuses shared storage)."""
+    out = {}
+    for pair in plan:
+        t = state[pair.ours[0]] if len(pair.ours) == 1 else torch.cat([state[k] for k in pair.ours])
+        pieces = t.chunk(len(pair.theirs)) if len(pair.theirs) > 1 else \
+            [t if pair.hf_shape is None else t.reshape(pair.hf_shape)]
+        for k, piece in zip(pair.theirs, pieces):
+            out[k] = piece.detach().clone().contiguous()
+    if unmapped := sorted(set(state) - {k for pair in plan for k in pair.ours}):
+        raise RuntimeError(f"no Hugging Face name for {unmapped}")  # a gap in the plan, not bad input
+    return out
 
 
 def _check_consumed(src: _Source, arch: str) -> None:
@@ -213,25 +260,17 @@ def convert_hf_clip(state: dict[str, torch.Tensor], config: dict, *, arch: str |
         raise VitlabError(f"cannot convert {arch or config.get('model_type')!r}: supported are {sorted(_ARCHS)}")
     family, towers = _ARCHS[arch]
     src = _Source(state)
-    out: dict[str, torch.Tensor] = {}
     if towers == "vision":
         if any(k.startswith("vision_model.") for k in src.state):  # hub files of transformers < 5
             src.state = {k.removeprefix("vision_model."): v for k, v in src.state.items()}
         cfg = vision_config_from_hf(config, family)
-        _vision(src, out, cfg, family, "", "")
-        _check_consumed(src, arch)
         model = VisionTransformer(cfg)
     else:
         cfg = clip_config_from_hf(config, family)
-        _vision(src, out, cfg.vision, family, "vision_model.", "vision.")
-        _text(src, out, cfg.text, family)
-        if family == "clip":
-            src.move(out, "visual_projection", "visual_projection", params=("weight",))
-        _put(out, "logit_scale", src.take("logit_scale"), ())
-        if family == "siglip":
-            _put(out, "logit_bias", src.take("logit_bias"), ())
-        _check_consumed(src, arch)
         model = create_clip(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    out = _from_hf(src, _plan(cfg, family), shapes)
+    _check_consumed(src, arch)
     out = {k: v.float() for k, v in out.items()}
     load_into(model, out, source=f"converted {arch} weights")
     return model.eval()
@@ -257,3 +296,58 @@ def load_hf_clip(directory: str | Path) -> CLIPModel | VisionTransformer:
     else:
         raise VitlabError(f"{directory} has no {WEIGHTS_NAME} (only safetensors weights are read)")
     return convert_hf_clip(state, config)
+
+
+# ---- vitlab -> HF --------------------------------------------------------------------------------------
+_TO_HF_ACTIVATIONS = {ours: hf for hf, ours in reversed(_ACTIVATIONS.items())}  # the first HF name of each
+
+
+def hf_clip_config(cfg: CLIPConfig) -> dict:
+    """config.json of transformers' CLIPModel / SiglipModel for a vitlab CLIPConfig (not checked here)."""
+    v, t = cfg.vision, cfg.text
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                  num_attention_heads=v.heads, num_channels=v.in_channels, image_size=v.image_size,
+                  patch_size=v.patch_size, hidden_act=_TO_HF_ACTIVATIONS[v.activation], layer_norm_eps=v.norm_eps)
+    # CLIP pools at the first eos_token_id, or (legacy configs with eos id 2) at the largest id
+    eos = 2 if t.pooling == "argmax" else t.eos_token_id
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim,
+                num_hidden_layers=t.depth, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                hidden_act=_TO_HF_ACTIVATIONS[t.activation], layer_norm_eps=t.norm_eps, eos_token_id=eos,
+                bos_token_id=None, pad_token_id=None)  # the model never reads these; the tokenizer does
+    if cfg.kind == "clip":
+        return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+                "logit_scale_init_value": cfg.logit_scale_init,
+                "text_config": {**text, "model_type": "clip_text_model", "projection_dim": cfg.embed_dim},
+                "vision_config": {**vision, "model_type": "clip_vision_model", "projection_dim": cfg.embed_dim}}
+    return {"architectures": ["SiglipModel"], "model_type": "siglip",
+            "text_config": {**text, "model_type": "siglip_text_model", "projection_size": cfg.embed_dim},
+            "vision_config": {**vision, "model_type": "siglip_vision_model", "vision_use_head": v.pooling == "map"}}
+
+
+def to_hf_clip(model: CLIPModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config.json dict) of the transformers CLIPModel / SiglipModel with this model's outputs.
+
+    CLIP's temperature is stored clamped at ln(100): vitlab clamps exp(logit_scale) at 100, transformers does
+    not. Dropout rates (training only) are dropped. Anything transformers'
+    towers cannot express (registers, LayerScale, another pooling, ...) raises a VitlabError naming it.
+    """
+    cfg = model.cfg
+    hf_config = hf_clip_config(cfg)
+    try:  # read the config back with the importer: what does not come back, transformers cannot express
+        back = clip_config_from_hf(hf_config, cfg.kind)
+    except VitlabError as e:
+        raise VitlabError(f"transformers' {cfg.kind.upper()} cannot express this model: {e}") from None
+    want = effective_fields(dataclasses.replace(cfg.vision, dropout=0.0, attn_dropout=0.0, head_dropout=0.0,
+                                                drop_path=0.0))
+    got = effective_fields(back.vision)
+    lost = [f"vision tower: {describe_feature(k, v)}" for k, v in want.items() if got[k] != v]
+    lost += [f"text tower: {f.name}={getattr(cfg.text, f.name)!r}" for f in dataclasses.fields(cfg.text)
+             if getattr(back.text, f.name) != getattr(cfg.text, f.name)]
+    if back.embed_dim != cfg.embed_dim:
+        lost.append(f"embed_dim={cfg.embed_dim}")
+    if lost:
+        raise VitlabError(f"transformers' {cfg.kind.upper()} cannot express " + "; ".join(lost))
+    state = dict(model.state_dict())
+    if cfg.kind == "clip":
+        state["logit_scale"] = state["logit_scale"].clamp(max=math.log(MAX_CLIP_SCALE))
+    return _to_hf(state, _plan(cfg, cfg.kind)), hf_config
