@@ -2,7 +2,9 @@
 
 CLIP: resize the shortest edge to 224 (bicubic), centre crop 224x224, scale to [0, 1], normalise with
 OpenAI's mean/std. SigLIP: resize to 224x224 (bicubic, aspect ratio not kept), scale, normalise with 0.5/0.5.
-Both first convert to RGB, compositing any transparency onto white.
+Both first convert to RGB, compositing any transparency onto white. Files are opened by
+`vitlab.images.open_image` (pixel limit, 16-bit scaling, EXIF orientation, downscaling of files 8x or more
+larger than the output while decoding: see there).
 
 Two resampling backends, each equal (to float rounding) to one of transformers 5's processors:
 "torch" (default): torch's uint8 antialiased kernel, as the default `CLIPImageProcessor` /
@@ -15,16 +17,15 @@ by up to 3 levels (tests/test_preprocess.py measures it). Decoding and RGB conve
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitlab.errors import VitlabError, check_fields
+from vitlab.images import ImageSource, open_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,7 +39,7 @@ RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BI
 TORCH_MODES = {"nearest": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic"}
 BACKENDS = ("torch", "pil")
 
-ImageLike = Image.Image | np.ndarray | str | os.PathLike
+ImageLike = ImageSource
 
 
 @dataclass
@@ -88,7 +89,7 @@ class ImagePreprocess:
 
     def prepare(self, image: ImageLike) -> np.ndarray:
         """One image -> uint8 (H, W, 3) after RGB conversion, resize and crop (before normalisation)."""
-        img = to_rgb(open_image(image))
+        img = to_rgb(open_image(image, target_size=self.size))
         (w, h), (old_w, old_h) = self.resized_size(*img.size), img.size
         if (w, h) == (old_w, old_h):
             pixels = np.asarray(img)  # (H, W, 3) uint8
@@ -168,25 +169,6 @@ def clip_preprocess(size: int = 224, *, backend: str = "torch") -> ImagePreproce
 def siglip_preprocess(size: int = 224, *, backend: str = "torch") -> ImagePreprocess:
     """SigLIP: resize to size x size bicubic (no crop), mean/std 0.5."""
     return ImagePreprocess(size=size, resize="square", crop_size=None, mean=HALF, std=HALF, backend=backend)
-
-
-def open_image(image: ImageLike) -> Image.Image:
-    """A PIL image from a path, a PIL image or a uint8 array (H, W[, C]); a clear error otherwise."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise VitlabError(f"image arrays must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")
-        return Image.fromarray(image)
-    path = Path(image)
-    try:
-        img = Image.open(path)
-        img.load()
-    except FileNotFoundError:
-        raise VitlabError(f"image {path} not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise VitlabError(f"cannot read image {path}: {e}") from None
-    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

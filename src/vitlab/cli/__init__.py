@@ -7,6 +7,7 @@ A command module defines `register(subparsers)`, which adds its parser and sets
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
@@ -14,9 +15,31 @@ import sys
 
 from vitlab.errors import VitlabError
 
-# Errors that mean "the user's input is wrong": shown as one line, exit code 2.
-USER_ERRORS = (VitlabError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, KeyError)
+# OS errors about the user's paths and disks: one line, exit 2. Any other OSError (and any other exception,
+# KeyError and ValueError included) is a bug or an unexpected fault and keeps its traceback.
+USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.ENOSPC,
+               errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTEMPTY, errno.EFBIG, errno.EIO,
+               errno.EXDEV, errno.EBUSY, errno.ETXTBSY}
+
+
+def is_user_error(e: BaseException) -> bool:
+    """vitlab's own errors and OS errors about user paths (missing, not a file, no space, permission, ...)."""
+    return isinstance(e, VitlabError) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
+
+
+def user_message(e: BaseException) -> str:
+    """One line: VitlabError's text; an OSError as "PATH: No space left on device"."""
+    if isinstance(e, OSError) and not isinstance(e, VitlabError) and e.strerror:
+        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{paths}: {e.strerror}" if paths else e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def nonempty(value: str) -> str:
+    """argparse `type=` for path options: an empty string is an error, never "no value" (--resume "")."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitlab: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        if os.environ.get("VITLAB_DEBUG"):
+    except (VitlabError, OSError) as e:
+        if not is_user_error(e) or os.environ.get("VITLAB_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"vitlab {args.command}: error: {msg}", file=sys.stderr)
+        print(f"vitlab {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2

@@ -24,8 +24,10 @@ def describe(cfg, *, batch_size: int = 256) -> dict:
     import torch
 
     from vitlab.model import VisionTransformer, activation_bytes_per_image, flops_per_image
+    from vitlab.model.flops import check_model_size
 
     with torch.device("meta"):  # shapes only: no memory, no init cost, even for H/14
+        check_model_size(cfg)  # meta: only the sanity limits (an absurd width or depth fails at once)
         params = VisionTransformer(cfg).num_params()
     act = activation_bytes_per_image(cfg)
     return {

@@ -22,11 +22,12 @@ from tqdm import tqdm
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.paths import cache_root
 from vitlab.errors import VitlabError
+from vitlab.images import open_image
 from vitlab.weights import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused (2: vitlab.images.open_image)
 
 
 def load_image_folder(
@@ -115,13 +116,15 @@ def _fingerprint(top: Path, files: list[Path], labels: list[int], size: int) -> 
 
 
 def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """One image file -> RGB uint8 (size, size, 3): shorter side resized to `size`, centre crop, bicubic."""
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG only: let the decoder downscale by 2/4/8 first, much faster
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # palette transparency must go through RGBA to convert cleanly
-        im = im.convert("RGB")
-        return np.asarray(ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC))
+    """One image file -> RGB uint8 (size, size, 3): shorter side resized to `size`, centre crop, bicubic.
+
+    Opened by `vitlab.images.open_image`, which downscales files of 8x `size` or more while decoding.
+    """
+    im = open_image(path, target_size=size)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # palette transparency must go through RGBA to convert cleanly
+    im = im.convert("RGB")
+    return np.asarray(ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC))
 
 
 def _decode_all(
@@ -134,7 +137,9 @@ def _decode_all(
         try:
             out[i] = decode_image(path, size)
             ok.append(i)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except VitlabError as e:  # open_image's message names the file and the problem
+            skipped.append(str(e))
+        except OSError as e:  # e.g. a truncated file that decodes only partly
             skipped.append(f"{path} ({type(e).__name__}: {e})")
     images = torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W)
     return images, torch.tensor([labels[i] for i in ok], dtype=torch.int64), skipped

@@ -1,7 +1,13 @@
-"""Cost model of a ViT: FLOPs per image (for MFU) and a training activation-memory estimate."""
+"""Cost model of a ViT: FLOPs per image (for MFU), activation memory, and a size check run before building."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import torch
+
+from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig
 
 
@@ -56,3 +62,104 @@ def activation_bytes_per_image(cfg: ViTConfig, *, bytes_per_value: int = 4, fuse
 def estimate_mfu(cfg: ViTConfig, images_per_second: float, peak_flops: float, *, training: bool = True) -> float:
     """Model FLOPs utilisation: achieved matmul FLOP/s over the chip's peak (nanoGPT's estimate_mfu)."""
     return flops_per_image(cfg, training=training) * images_per_second / peak_flops
+
+
+# ---- size check before building -------------------------------------------------------------------------
+MAX_PARAMS = 10**12  # past any ViT ever trained (ViT-22B has 2.2e10): larger is a typo, not a model
+MAX_DEPTH = 10_000  # the deepest transformers trained have ~1000 layers; 10^6 blocks take minutes just to build
+MEMORY_ENV = "VITLAB_MEMORY_LIMIT"  # bytes (suffix K/M/G/T allowed) the size check compares with; "off": no check
+
+
+def estimate_params(cfg: ViTConfig) -> int:
+    """Parameter count from the config alone (no tensors): the encoder, embeddings and heads, exact for the
+    patchify stem; a conv stem is counted as a patchify one (its 3x3 convs are a rounding error in size)."""
+    D, M, L, N = cfg.width, cfg.mlp_dim, cfg.depth, cfg.num_patches
+    block = 4 * D * D + 2 * D * M + M + 9 * D  # qkv + proj + fc1 + fc2, their biases, two LayerNorms
+    n = L * block + cfg.in_channels * cfg.patch_size**2 * D + D  # patch projection
+    if cfg.pos_embed == "learned":
+        n += (N + (cfg.num_prefix_tokens if cfg.pos_embed_prefix else 0)) * D
+    n += cfg.num_prefix_tokens * D + 4 * D  # class/register tokens, pre- and final norms (upper bound)
+    if cfg.pooling == "map":
+        n += 4 * D * D + 2 * D * M + M + 7 * D
+    features = cfg.pre_logits_dim or D
+    if cfg.pre_logits_dim:
+        n += D * cfg.pre_logits_dim + cfg.pre_logits_dim
+    return n + (features + 1) * cfg.num_classes
+
+
+def model_bytes(cfg: ViTConfig, *, batch_size: int = 0, training: bool = False, bytes_per_value: int = 4) -> int:
+    """Memory a model needs: its weights, x4 when training with AdamW (weights, gradients, two moments),
+    plus `batch_size` images of activations (the training estimate, which bounds inference's too)."""
+    weights = estimate_params(cfg) * bytes_per_value * (4 if training else 1)
+    return weights + batch_size * activation_bytes_per_image(cfg, bytes_per_value=bytes_per_value)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: $VITLAB_MEMORY_LIMIT if set, else the smaller of MemAvailable
+    (/proc/meminfo) and the cgroup's (container's) headroom; None when unknown or when the check is off."""
+    env = os.environ.get(MEMORY_ENV, "").strip()
+    if env:
+        if env.lower() in ("off", "none", "0"):
+            return None
+        return parse_bytes(env, MEMORY_ENV)
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:  # cgroup v2: a container's limit is often far below the host's free memory
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cg / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def parse_bytes(text: str, what: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[:len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise VitlabError(f"{what}={text!r}: expected a size such as 8G, 512M or a number of bytes, or 'off'") from None
+    return int(value)
+
+
+def check_model_size(cfg: ViTConfig, *, batch_size: int = 0, training: bool = False,
+                     available: int | None = None) -> int:
+    """Refuse a config that cannot be built, before any tensor exists; returns the estimated bytes.
+
+    Always: more than MAX_PARAMS parameters or MAX_DEPTH blocks. Then, unless the default device is
+    "meta" (shapes only, as `vitlab info` builds): more memory than is available (`available`, else
+    `available_memory()`). Only integer arithmetic on the config: it takes microseconds, allocates nothing.
+    """
+    params = estimate_params(cfg)
+    name = cfg.summary()
+    if params > MAX_PARAMS or cfg.depth > MAX_DEPTH:
+        raise VitlabError(f"model {name} is not buildable: ~{params:.3g} parameters and depth {cfg.depth} "
+                          f"(limits: {MAX_PARAMS:.0e} parameters, depth {MAX_DEPTH}); check width/depth/image_size")
+    need = model_bytes(cfg, batch_size=batch_size, training=training)
+    if torch.get_default_device().type == "meta":
+        return need
+    have = available if available is not None else available_memory()
+    if have is not None and need > have:
+        what = f"{'training' if training else 'weights'}" + (f" at batch {batch_size}" if batch_size else "")
+        raise VitlabError(f"model {name} needs ~{format_bytes(need)} ({what}, {params:,} parameters in fp32) but "
+                          f"~{format_bytes(have)} of memory is available; set {MEMORY_ENV} to override")
+    return need
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PiB"

@@ -1,6 +1,7 @@
 """Classify image files with a trained run.
 
-Images are read with their EXIF orientation applied, then prepared by `vitlab.preprocess` as the run's
+Images are read by `vitlab.images.open_image` (EXIF orientation applied, as HF's pipelines do; pixel limit;
+16-bit scaled to 8), then prepared by `vitlab.preprocess` as the run's
 `preprocessor_config.json` (Hugging Face `ViTImageProcessor` semantics) says: RGB (transparency composited
 onto white), resize to the model's size with Pillow bicubic, scale by 1/255, normalise with the training
 mean/std. Training images (32x32 CIFAR) went through exactly the scale and normalise steps.
@@ -9,31 +10,22 @@ mean/std. Training images (32x32 CIFAR) went through exactly the scale and norma
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from vitlab.errors import VitlabError
+from vitlab.images import open_image
 from vitlab.model import VisionTransformer
 from vitlab.preprocess import ImagePreprocess, to_rgb
 from vitlab.train.processor import read_preprocessor_config
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file as RGB; unreadable or missing files are a VitlabError."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitlabError(f"image {path} not found")
-    try:
-        with Image.open(path) as im, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. PIL's "palette images with transparency" note
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise VitlabError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+def load_image(path: str | Path, *, target_size: int | None = None) -> Image.Image:
+    """Open and fully decode an image file as RGB (`vitlab.images.open_image`, then transparency onto white)."""
+    return to_rgb(open_image(path, target_size=target_size))
 
 
 def preprocess(images: list[Image.Image], processor: dict) -> torch.Tensor:
@@ -69,7 +61,8 @@ def predict(run_dir: str | Path, paths: list[str | Path], *, top_k: int = 5, bat
     if top_k < 1:
         raise VitlabError(f"--top-k must be >= 1, got {top_k}")
     model, processor, names = load_run(run_dir)
-    images = [load_image(p) for p in paths]  # read all first: a bad file fails before any work
+    size = ImagePreprocess.from_hf(processor).size
+    images = [load_image(p, target_size=size) for p in paths]  # all first: a bad file fails early
     k = min(top_k, len(names))
     results = []
     for i in range(0, len(images), batch_size):

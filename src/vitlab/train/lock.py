@@ -1,0 +1,108 @@
+"""One writer per run dir: an OS lock on `RUN_DIR/.vitlab-lock`, with who holds it written inside.
+
+    with RunLock(run_dir) as lock:   # VitlabError at once if another live process holds it
+        if lock.stale:                # the previous holder died without releasing (kill -9, power loss)
+            print(f"took over the lock of {lock.stale.describe()}")
+        ...                           # train, save checkpoints, clean up
+
+`fcntl.flock` is released by the kernel when its holder dies, however it dies, so a stale lock needs no
+guessing from pids or ages: the next process simply gets it, and finds the dead holder's details still in
+the file (a clean release empties it). The file itself is never deleted: deleting a lock file lets two
+processes lock two different files. flock works between processes on one machine and on most network
+file systems' local clients; it does not exclude a process on another host writing the same NFS share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitlab.errors import VitlabError
+
+LOCK_NAME = ".vitlab-lock"
+
+
+@dataclass
+class Holder:
+    """Who holds (or held) a run dir's lock."""
+
+    pid: int
+    host: str
+    since: float  # time.time() when taken
+    command: str = ""
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"pid {self.pid} on {self.host} since {when}" + (f" ({self.command})" if self.command else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Holder | None:
+        try:
+            d = json.loads(text)
+            return cls(pid=int(d["pid"]), host=str(d["host"]), since=float(d["since"]),
+                       command=str(d.get("command", "")))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+class RunLock:
+    """Exclusive, non-blocking lock of a run dir for the time of a `with` block (or acquire/release)."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, command: str = "") -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.command = command
+        self.stale: Holder | None = None  # the dead holder whose lock was taken over, if any
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Holder.parse(_read(fd))
+            os.close(fd)
+            who = holder.describe() if holder else "another process (it has not written its details yet)"
+            raise VitlabError(f"{self.path.parent} is in use by {who}; wait for it to finish or use another "
+                              "--out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.stale = Holder.parse(_read(fd))  # details left by a holder that died without releasing
+        me = Holder(pid=os.getpid(), host=socket.gethostname(), since=time.time(), command=self.command)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dataclasses.asdict(me)).encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # empty: the next holder sees a clean hand-over, not a stale lock
+        finally:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace")
+    except OSError:
+        return ""
