@@ -69,7 +69,7 @@ def cifar_dir() -> Path:
     return d
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_cifar():
     """Factory: tiny_cifar(root, "cifar10" | "cifar100", train=64, test=32) -> root holding random images in the
     official binary layout, labels cycling through the classes (CIFAR-10: data_batch_1..5.bin + test_batch.bin +

@@ -1,4 +1,8 @@
-"""`vitlab train`, `vitlab eval`, `vitlab predict` end to end on a tiny run, and their one-line errors."""
+"""`vitlab train`, `vitlab eval`, `vitlab predict` end to end on a tiny run, and their one-line errors.
+
+The real-CIFAR-10 run checks the numbers against plain reference code; the error paths and the resume of a
+finished run use a run trained on a tiny synthetic CIFAR-10 (official binary layout), so they need no data.
+"""
 
 import json
 
@@ -9,10 +13,11 @@ from PIL import Image
 
 from vitlab.cli import main
 from vitlab.model import VisionTransformer
+from vitlab.train import loop
 
-TINY = ["--recipe", "seed", "--epochs", "1", "--train-subset", "256", "--test-subset", "200", "--batch-size", "64",
-        "--model-arg", "width=16", "--model-arg", "depth=1", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32",
-        "--precision", "fp32", "--no-progress"]
+TINY = ["--recipe", "seed", "--epochs", "1", "--train-subset", "256", "--test-subset", "200", "--batch-size",
+        "64", "--model-arg", "width=16", "--model-arg", "depth=1", "--model-arg", "heads=2", "--model-arg",
+        "mlp_dim=32", "--precision", "fp32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +27,19 @@ def run_dir(tmp_path_factory, cifar_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory, tiny_cifar):
+    """A finished tiny run on 64 random images in the official CIFAR-10 layout: no real data needed."""
+    tmp = tmp_path_factory.mktemp("synthetic")
+    out = tmp / "run"
+    assert main(["train", "--data", str(tiny_cifar(tmp / "cifar10")), "--out", str(out), *TINY]) == 0
+    return out
+
+
 def one_line_error(capsys, argv, *, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and match in err, err
+    assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err, err
     return err
 
 
@@ -78,12 +92,29 @@ def test_predict_any_image(run_dir, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1 + 5
 
 
-def test_resume_of_a_finished_run_is_a_no_op(run_dir, capsys):
-    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
-    assert "test top-1" in capsys.readouterr().out
+def snapshot(run_dir):
+    """Every file of the run dir (checkpoint included) -> (bytes, mtime in ns)."""
+    return {p.relative_to(run_dir): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
 
 
-def test_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys):
+def test_resume_of_a_finished_run_is_a_no_op(synthetic_run, capsys, monkeypatch):
+    capsys.readouterr()
+    before = snapshot(synthetic_run)
+    final = json.loads((synthetic_run / "metrics.jsonl").read_text().splitlines()[-1])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    for name in ("run_epoch", "train_step", "end_epoch", "save", "write_run_files"):
+        monkeypatch.setattr(loop.Trainer, name, no_training)
+    assert main(["train", "--resume", str(synthetic_run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "is already complete" in out and f"test top-1 {final['test_top1']:.2%}" in out
+    assert snapshot(synthetic_run) == before  # weights, checkpoint, metrics: same bytes, not even rewritten
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_cifar):
+    """Errors found before any data is read, or in the data itself: no real CIFAR needed."""
     one_line_error(capsys, ["train", "--recipe", "nope"], match="unknown recipe 'nope'")
     one_line_error(capsys, ["train", "--model", "Zz/4", "--out", str(tmp_path / "x")], match="unknown model variant")
     one_line_error(capsys, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "y"), *TINY],
@@ -95,17 +126,26 @@ def test_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys):
     (corrupt / "batches.meta.txt").write_text("\n".join("abcdefghij"))
     one_line_error(capsys, ["train", "--data", str(corrupt), "--out", str(tmp_path / "z"), *TINY],
                    match="data_batch")
-    one_line_error(capsys, ["train", "--out", str(run_dir), *TINY], match="already holds a run")
+    truncated = tiny_cifar(tmp_path / "truncated")
+    (truncated / "data_batch_3.bin").write_bytes((truncated / "data_batch_3.bin").read_bytes()[:-100])
+    one_line_error(capsys, ["train", "--data", str(truncated), "--out", str(tmp_path / "t"), *TINY],
+                   match="data_batch_3.bin")
     one_line_error(capsys, ["train", "--resume", str(tmp_path / "nothing")], match="nothing")
-    one_line_error(capsys, ["train", "--resume", str(run_dir), "--epochs", "5"], match="drop --epochs")
     one_line_error(capsys, ["eval", str(tmp_path / "nothing")], match="not found")
-    one_line_error(capsys, ["eval", str(run_dir), "--data", str(tmp_path / "missing")], match="no CIFAR-10 data")
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "t"))  # no half-made run dirs
+
+
+def test_bad_inputs_on_a_run_exit_2_with_one_line(synthetic_run, tmp_path, capsys):
+    run = synthetic_run
+    one_line_error(capsys, ["train", "--out", str(run), *TINY], match="already holds a run")
+    one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "5"], match="drop --epochs")
+    one_line_error(capsys, ["eval", str(run), "--data", str(tmp_path / "missing")], match="no CIFAR-10 data")
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    one_line_error(capsys, ["predict", str(run_dir), str(tmp_path / "junk.jpg")], match="cannot read image")
-    one_line_error(capsys, ["predict", str(run_dir), str(tmp_path / "missing.png")], match="not found")
+    one_line_error(capsys, ["predict", str(run), str(tmp_path / "junk.jpg")], match="cannot read image")
+    one_line_error(capsys, ["predict", str(run), str(tmp_path / "missing.png")], match="not found")
     broken = tmp_path / "broken-run"
     broken.mkdir()
     for name in ("config.json", "preprocessor_config.json"):
-        (broken / name).write_bytes((run_dir / name).read_bytes())
+        (broken / name).write_bytes((run / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"garbage")
     one_line_error(capsys, ["predict", str(broken), str(tmp_path / "junk.jpg")], match="safetensors")
