@@ -115,16 +115,18 @@ def _fingerprint(top: Path, files: list[Path], labels: list[int], size: int) -> 
     return h.hexdigest()[:20]
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """One image file -> RGB uint8 (size, size, 3): shorter side resized to `size`, centre crop, bicubic.
-
-    Opened by `vitlab.images.open_image`, which downscales files of 8x `size` or more while decoding.
-    """
+def open_rgb(path: str | Path, size: int) -> Image.Image:
+    """One image file as an RGB PIL image, opened by `vitlab.images.open_image`, which downscales files of
+    8x `size` or more while decoding (also the streaming loader's opener, vitlab.data.stream)."""
     im = open_image(path, target_size=size)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # palette transparency must go through RGBA to convert cleanly
-    im = im.convert("RGB")
-    return np.asarray(ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC))
+    return im.convert("RGB")
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """One image file -> RGB uint8 (size, size, 3): shorter side resized to `size`, centre crop, bicubic."""
+    return np.asarray(ImageOps.fit(open_rgb(path, size), (size, size), method=Image.Resampling.BICUBIC))
 
 
 def _decode_all(

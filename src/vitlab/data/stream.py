@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vitlab.data.folder import _class_names, _list_images, _split_dir, decode_image
+from vitlab.data.folder import _class_names, _list_images, _split_dir, decode_image, open_rgb
 from vitlab.errors import VitlabError
 
 DATA_MODES = ("auto", "memory", "stream")
@@ -119,22 +119,8 @@ def random_resized_box(width: int, height: int, rng: np.random.Generator, *, sca
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _open_rgb(path: Path, size: int) -> Image.Image:
-    """An RGB PIL image, JPEGs downscaled while decoding to no less than 4x `size`.
-
-    TODO(images.py): switch to `vitlab.preprocess.to_rgb(vitlab.images.open_image(path, target_size=size))`
-    once that module is committed (pixel limit, 16-bit scaling, EXIF orientation in one place).
-    """
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (4 * size, 4 * size))
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # palette transparency must go through RGBA to convert cleanly
-        return im.convert("RGB")
-
-
 def _train_crop_pil(path: Path, size: int, rng: np.random.Generator, scale, ratio) -> torch.Tensor:
-    im = _open_rgb(path, size)
+    im = open_rgb(path, size)
     left, top, w, h = random_resized_box(*im.size, rng, scale=scale, ratio=ratio)
     out = im.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
     return torch.from_numpy(np.array(out)).permute(2, 0, 1)  # (3, S, S)
@@ -164,8 +150,9 @@ def torchvision_available() -> bool:
 
 def resolve_decoder(decoder: str) -> str:
     """Check `decoder`. Pillow is the default: as fast as torchvision's decode_jpeg on small JPEGs here
-    (benchmarks/stream_loader.py times both), and torchvision deprecates its decoders from 0.29 on.
-    Non-JPEG files always go through Pillow."""
+    (benchmarks/stream_loader.py times both), it goes through `vitlab.images.open_image` (pixel limit, 16-bit
+    scaling, EXIF), and torchvision deprecates its decoders from 0.29 on. "torchvision" decodes JPEGs with
+    `decode_jpeg` (EXIF applied, no pixel limit); other files always go through Pillow."""
     if decoder not in DECODERS:
         raise VitlabError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
     if decoder == "torchvision" and not torchvision_available():
