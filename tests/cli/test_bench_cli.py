@@ -1,19 +1,68 @@
+"""`vitlab bench`: the JSON's numbers are the timed blocks' rates, and the headline ratio is built from them."""
+
 import json
+import statistics
+import types
 
 import pytest
+import torch
 
+from vitlab import bench
 from vitlab.cli import main
 
+ARGV = ["bench", "--model", "tutorial", "--batch-size", "8", "--steps", "2", "--repeats", "3"]
 
-def test_bench_json_times_default_path_and_timm(capsys):
+
+def test_bench_json_is_consistent(capsys):
     pytest.importorskip("timm")
-    assert main(["bench", "--model", "seed", "--batch-size", "8", "--steps", "1", "--repeats", "1", "--json"]) == 0
+    assert main([*ARGV, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "tutorial" and out["batch_size"] == 8 and out["threads"] == torch.get_num_threads()
     names = list(out["images_per_sec"])
-    assert names[0].startswith("vitlab (") and {"timm (fp32)", "timm (bf16)"} <= set(names)
-    assert out["ratio_vs_timm_best"] > 0 and out["timm_best"] in names
+    assert names[0].startswith("vitlab (") and names[1:] == ["timm (fp32)", "timm (bf16)"]
+    for t in out["images_per_sec"].values():
+        assert len(t["all"]) == 3 and all(r > 0 for r in t["all"])
+        assert t["median"] == statistics.median(t["all"]) and t["best"] == max(t["all"])
+    timm_medians = {k: out["images_per_sec"][k]["median"] for k in names[1:]}
+    assert out["timm_best"] == max(timm_medians, key=timm_medians.get)
+    assert out["ratio_vs_timm_best"] == pytest.approx(
+        out["images_per_sec"][names[0]]["median"] / timm_medians[out["timm_best"]], rel=1e-12)
+
+
+def test_bench_numbers_from_an_injected_clock(monkeypatch, capsys):
+    """Each timed block lasts a chosen time: rates, medians, the best timm mode and the ratio are then exact."""
+    pytest.importorskip("timm")
+    # seconds per block, in the order bench times them: repeat by repeat, vitlab, timm fp32, timm bf16
+    seconds = [0.1, 0.5, 0.2, 0.1, 0.25, 0.2, 0.4, 1.0, 0.8]
+    reads, now = [0], [0.0]
+
+    def perf_counter():  # blocks read the clock twice (start, end); the end read advances it
+        reads[0] += 1
+        if reads[0] % 2 == 0:
+            now[0] += seconds[reads[0] // 2 - 1]
+        return now[0]
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    assert main([*ARGV, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert reads[0] == 2 * len(seconds)
+    rates = {name: t["all"] for name, t in out["images_per_sec"].items()}
+    vit, fp32, bf16 = rates.values()
+    imgs = 8 * 2  # batch x steps per block
+    assert vit == pytest.approx([imgs / 0.1, imgs / 0.1, imgs / 0.4])
+    assert fp32 == pytest.approx([imgs / 0.5, imgs / 0.25, imgs / 1.0])
+    assert bf16 == pytest.approx([imgs / 0.2, imgs / 0.2, imgs / 0.8])
+    assert out["timm_best"] == "timm (bf16)"  # median 80 img/s beats fp32's 32
+    assert out["ratio_vs_timm_best"] == pytest.approx(2.0)  # vitlab's median 160 over bf16's 80
+    assert out["images_per_sec"]["timm (fp32)"]["best"] == pytest.approx(imgs / 0.25)
+
+    seconds[3] = 0.2  # vitlab's second block half as fast: its median drops to 80 img/s, timm's best
+    reads[0] = 0
+    assert main(ARGV) == 0  # the human-readable form
+    text = capsys.readouterr().out
+    assert f"{imgs / 0.2:8.1f} img/s   (best {imgs / 0.1:.1f})" in text and "vitlab / timm (bf16): 1.00x" in text
 
 
 def test_bench_bad_input(capsys):
-    assert main(["bench", "--model", "seed", "--steps", "0"]) == 2
+    assert main(["bench", "--model", "tutorial", "--steps", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
