@@ -1,5 +1,10 @@
 """CIFAR-10 and CIFAR-100 readers for both official layouts, from a directory or the official .tar.gz.
 
+Not found, and looked for in vitlab's cache dir (neither --data nor $VITLAB_DATA set), the binary archive
+is downloaded there by default (MD5-checked, atomic, with a progress bar); `download=False` (--no-download)
+refuses, `download=True` downloads into any directory. `URL` and each spec's `archives` (name, MD5) are
+module constants, so a test or a mirror can point them elsewhere.
+
 Binary layout (`*.bin`): fixed-size records of label byte(s) + 3072 pixel bytes (1024 R, 1024 G, 1024 B, each
 a row-major 32x32 plane), parsed with one `np.frombuffer` + reshape. Python layout: pickled dicts, read with
 an unpickler that can only rebuild numpy arrays, so a tampered file cannot run code.
@@ -21,7 +26,7 @@ import torch
 
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.download import download_file
-from vitlab.data.paths import DATA_ENV, resolve_data_dir
+from vitlab.data.paths import DATA_ENV, is_cache_dir, resolve_data_dir
 from vitlab.errors import VitlabError
 from vitlab.weights import atomic_write
 
@@ -88,12 +93,13 @@ CIFAR100_COARSE = replace(
 
 
 def load_cifar10(
-    root: str | Path | None = None, split: str = "train", *, download: bool = False
+    root: str | Path | None = None, split: str = "train", *, download: bool | None = None
 ) -> ImageDataset:
     """CIFAR-10 `split` ("train": 50,000 images, "test": 10,000) as uint8 (N, 3, 32, 32) + int64 labels.
 
     `root` is a directory holding the batch files (directly or in the official sub-folder) or an official
-    .tar.gz; None means `$VITLAB_DATA`, else the cache dir. `download=True` fetches the binary archive there.
+    .tar.gz; None means `$VITLAB_DATA`, else the cache dir. When the files are missing, `download=None`
+    fetches the binary archive into the cache dir only, True into `root` too, False never.
     """
     return load_cifar(CIFAR10, root, split, download=download)
 
@@ -103,7 +109,7 @@ def load_cifar100(
     split: str = "train",
     *,
     labels: Literal["fine", "coarse"] = "fine",
-    download: bool = False,
+    download: bool | None = None,
 ) -> ImageDataset:
     """CIFAR-100 `split` with its 100 fine labels (or the 20 coarse super-classes); see `load_cifar10`."""
     if labels not in ("fine", "coarse"):
@@ -112,7 +118,7 @@ def load_cifar100(
 
 
 def load_cifar(
-    spec: CifarSpec, root: str | Path | None, split: str, *, download: bool = False
+    spec: CifarSpec, root: str | Path | None, split: str, *, download: bool | None = None
 ) -> ImageDataset:
     """Read `split` of the dataset `spec` describes; the shared body of `load_cifar10` / `load_cifar100`."""
     if split not in spec.splits:
@@ -133,7 +139,7 @@ def load_cifar(
 # ---------------------------------------------------------------- finding the files
 
 
-def _find_files(spec: CifarSpec, root: Path, split: str, download: bool) -> list[tuple[str, bytes, str]]:
+def _find_files(spec: CifarSpec, root: Path, split: str, download: bool | None) -> list[tuple[str, bytes, str]]:
     """(file name, bytes, where for messages) of the split's batch files, then of the class-names file.
 
     Looks in `root`, then its official sub-folders, then for an official archive inside it, preferring the
@@ -150,12 +156,15 @@ def _find_files(spec: CifarSpec, root: Path, split: str, download: bool) -> list
         if (root / archive).is_file():
             return _read_archive(spec, root / archive, split)
     archive, md5 = spec.archives["binary"]
-    if not download:
+    if not (download or (download is None and is_cache_dir(root, spec.key))):
         raise VitlabError(
             f"no {spec.title} data in {root}: put the official binary or python files (or {archive}) there, "
             f"or point --data / {DATA_ENV} at them, or download them (vitlab train --download, or download=True)"
         )
-    _unpack_binary(spec, download_file(URL + archive, root / archive, md5=md5), root / spec.subdirs["binary"])
+    files = ", ".join(dict.fromkeys(n for split_ in spec.splits for n in _layout_names(spec, split_, "binary")))
+    hint = f"put {archive} or its files ({files}) in {root}, or set {DATA_ENV} to a folder holding them"
+    path = download_file(URL + archive, root / archive, md5=md5, hint=hint)
+    _unpack_binary(spec, path, root / spec.subdirs["binary"])
     return _find_files(spec, root, split, download=False)
 
 

@@ -24,15 +24,16 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0) -> Path:
+def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0, hint: str | None = None) -> Path:
     """Download `url` to `dest` unless a file with the right MD5 is already there.
 
     The bytes go to a temporary file beside `dest` and are renamed over it only after the MD5 matches, so an
-    interrupted or corrupted download never leaves a file that a later run would trust.
+    interrupted or corrupted download never leaves a file that a later run would trust. `hint` ends the
+    one-line error (what to do without a network); the default says to fetch the file by hand.
     """
     if dest.is_file() and md5sum(dest) == md5:
         return dest
-    where = f"fetch it by hand and put it (or its unpacked files) in {dest.parent}, or set --data/{DATA_ENV}"
+    where = hint or f"fetch it by hand and put it (or its unpacked files) in {dest.parent}, or set --data/{DATA_ENV}"
 
     def fetch(tmp: str) -> None:  # raising here makes atomic_write drop the temporary file
         h = hashlib.md5(usedforsecurity=False)

@@ -18,14 +18,15 @@ def load_dataset(
     root: str | Path | None = None,
     split: str = "train",
     *,
-    download: bool = False,
+    download: bool | None = None,
     image_size: int = 32,
     cache_dir: str | Path | None = None,
 ) -> ImageDataset:
     """Load `split` of dataset `name` ("cifar10", "cifar100" or "folder") from `root`.
 
     `root` None means `$VITLAB_DATA`, else the per-user cache dir. `image_size` and `cache_dir` only apply to
-    image folders (CIFAR is always 32x32); `download` only to CIFAR.
+    image folders (CIFAR is always 32x32); `download` only to CIFAR: None (default) downloads a missing
+    dataset into the cache dir, True into any `root`, False never (see vitlab.data.cifar).
     """
     key = name.lower().replace("-", "").replace("_", "")
     if key == "cifar10":

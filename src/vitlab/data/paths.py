@@ -18,10 +18,15 @@ def resolve_data_dir(data: str | os.PathLike | None = None, name: str = "cifar10
     """The directory (or archive) to read dataset `name` from.
 
     An explicit `data` wins, so a command line always overrides the environment; `$VITLAB_DATA` lets CI
-    and shared machines point every command at one copy; the cache dir is where `download=True` puts files.
+    and shared machines point every command at one copy; the cache dir is where a missing dataset is downloaded.
     """
     if data is not None and str(data) != "":
         return Path(data).expanduser()
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser()
     return cache_root() / name
+
+
+def is_cache_dir(path: str | os.PathLike, name: str = "cifar10") -> bool:
+    """True when `path` is vitlab's own cache directory for dataset `name` (where it may download by itself)."""
+    return Path(path).expanduser().absolute() == (cache_root() / name).expanduser().absolute()
