@@ -122,3 +122,14 @@ def test_large_files_are_downscaled_while_decoding_with_little_change(tmp_path, 
         full = pre.prepare(im.convert("RGB")).astype(int)  # decoded at full size
     diff = np.abs(pre.prepare(path).astype(int) - full)
     assert diff.mean() < 1.25 and diff.max() <= 6  # in 8-bit levels, after the final antialiased resize
+
+
+def test_image_folder_skips_a_bomb_with_its_reason(tmp_path):
+    from vitlab.data import load_image_folder
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / "imgs" / "cat" / "ok.png")
+    png_header_only(tmp_path / "imgs" / "cat" / "huge.png", 9000, 9000)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*huge.png is 9000x9000 .* over the limit"):
+        ds = load_image_folder(tmp_path / "imgs", size=8, cache_dir=tmp_path / "cache")
+    assert len(ds) == 1 and ds.images[0, :, 4, 4].tolist() == [10, 20, 30]

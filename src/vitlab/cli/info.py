@@ -44,13 +44,14 @@ def describe(cfg, *, batch_size: int = 256) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.model import ViTConfig, parse_variant
-    from vitlab.weights import CONFIG_NAME, read_json
+    from vitlab.weights import CONFIG_NAME, JsonObject, read_json
 
     overrides = {k: v for k, v in (("image_size", args.image_size), ("num_classes", args.num_classes))
                  if v is not None}
     path = Path(args.model)
     if path.is_dir():
-        cfg = ViTConfig.from_dict({**read_json(path / CONFIG_NAME), **overrides})
+        d = read_json(path / CONFIG_NAME)
+        cfg = ViTConfig.from_dict(JsonObject({**d, **overrides}, source=d.source))  # errors name the file
     elif "/" in args.model and path.exists():
         raise VitlabError(f"{path} is not a model directory")
     else:
