@@ -1,4 +1,5 @@
-"""AdamW with the usual ViT parameter groups, and the per-step warmup + cosine learning-rate schedule."""
+"""AdamW with the usual ViT parameter groups (optionally with layer-wise lr decay), and the per-step warmup +
+cosine learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -11,26 +12,59 @@ from torch import nn
 from vitlab.errors import VitlabError
 
 
-def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """Two AdamW groups: decayed matrices, and everything that should not shrink towards zero.
 
     No decay on norms and biases (ndim <= 1: decaying a LayerNorm gain or a bias only fights the
     normalisation) nor on what `model.no_weight_decay()` names (class token, positions: decay would pull
     them to zero and erase position information). Same rule as timm's `param_groups_weight_decay`.
-    Each group also carries the parameter `names`, for inspection.
+    Each group also carries the parameter `names`, for inspection. Frozen parameters (requires_grad False,
+    e.g. a linear probe's backbone) are left out.
+
+    `layer_decay` (fine-tuning, BEiT / timm's `param_groups_layer_decay`): one pair of groups per layer, each
+    with an "lr_scale" of layer_decay ** (depth + 1 - layer), where the embeddings are layer 0, block i is
+    layer i + 1 (the final norm goes with the last block) and pooling and head are layer depth + 1 (scale 1).
+    `WarmupCosine.apply` multiplies each group's learning rate by its lr_scale.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = ([], []), ([], [])
+    depth = _depth(model) if layer_decay is not None else 0
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        target = no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay
-        target[0].append(name)
-        target[1].append(p)
-    return [
-        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
-        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
-    ]
+        decayed = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        layer = layer_id(name, depth) if layer_decay is not None else 0
+        g = groups.setdefault((layer, decayed), {"params": [], "names": [],
+                                                 "weight_decay": weight_decay if decayed else 0.0})
+        if layer_decay is not None:
+            g["lr_scale"] = layer_decay ** (depth + 1 - layer)
+        g["names"].append(name)
+        g["params"].append(p)
+    if layer_decay is None:  # always the two groups, decayed first, even when one is empty
+        empty = {"params": [], "names": []}
+        return [groups.get((0, True), {**empty, "weight_decay": weight_decay}),
+                groups.get((0, False), {**empty, "weight_decay": 0.0})]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+_STEM = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.", "norm_pre.")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer of a ViT parameter for layer-wise lr decay: 0 the embeddings, i + 1 block i, depth the final
+    norm, depth + 1 the rest (fc_norm, pooling, heads), as timm's `group_matcher` for VisionTransformer."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith("norm."):
+        return depth
+    return 0 if name.startswith(_STEM) else depth + 1
+
+
+def _depth(model: nn.Module) -> int:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise VitlabError(f"layer-wise lr decay needs a ViT with `blocks`; {type(model).__name__} has none")
+    return len(blocks)
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -38,26 +72,35 @@ OPTIMIZERS = ("adamw", "muon")
 
 def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
                      betas: tuple[float, float] = (0.9, 0.999), optimizer: str = "adamw",
-                     momentum: float = 0.95) -> torch.optim.Optimizer | OptimizerGroup:
+                     momentum: float = 0.95, layer_decay: float | None = None
+                     ) -> torch.optim.Optimizer | OptimizerGroup:
     """AdamW (decoupled weight decay, Loshchilov & Hutter) over `param_groups(model)`; or, with
     optimizer="muon", torch's Muon for the hidden 2-D weights (`muon_params`) and AdamW for the rest.
 
     Muon scales its update to AdamW's RMS (adjust_lr_fn="match_rms_adamw", Moonshot's "Muon is scalable"),
-    so both share one learning rate, schedule and weight decay.
+    so both share one learning rate, schedule and weight decay. `layer_decay` gives every group (Muon's
+    too) its layer's "lr_scale" (see `param_groups`). Only parameters that require grad are optimised.
     """
     if optimizer not in OPTIMIZERS:
         raise VitlabError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise VitlabError("the model has no trainable parameters (is everything frozen?)")
     hidden = muon_params(model) if optimizer == "muon" else {}
-    groups = [{"params": [p for n, p in zip(g["names"], g["params"]) if n not in hidden],
-               "weight_decay": g["weight_decay"]} for g in param_groups(model, weight_decay=weight_decay)]
+    scaled = layer_decay is not None
+    groups, scale = [], {}
+    for g in param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay):
+        scale.update(dict.fromkeys(g["names"], g.get("lr_scale", 1.0)))
+        groups.append({"params": [p for n, p in zip(g["names"], g["params"]) if n not in hidden],
+                       "weight_decay": g["weight_decay"], **({"lr_scale": g["lr_scale"]} if scaled else {})})
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, weight_decay=weight_decay)
     if not hidden:
         return adamw
     params = dict(model.named_parameters())
-    by_split: dict[int, list] = {}
+    by_split: dict[tuple[int, float], list] = {}
     for name, chunks in hidden.items():
-        by_split.setdefault(chunks, []).append(params[name])
-    muon = SplitMuon([{"params": ps, "chunks": k} for k, ps in sorted(by_split.items())], lr=lr,
+        by_split.setdefault((chunks, scale[name]), []).append(params[name])
+    muon = SplitMuon([{"params": ps, "chunks": k, **({"lr_scale": s} if scaled else {})}
+                      for (k, s), ps in sorted(by_split.items())], lr=lr,
                      weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
     return OptimizerGroup([adamw, muon])
 
@@ -164,8 +207,8 @@ class WarmupCosine:
         return asdict(self)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's lr for `step`; returns it."""
+        """Set every group's lr for `step` (times the group's "lr_scale" under layer decay); returns it."""
         lr = self(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
