@@ -45,13 +45,7 @@ def load_image_folder(
     no split folders. Unreadable files are skipped with one warning. The result is cached in `cache_dir`
     (default `~/.cache/vitlab/folders`).
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise VitlabError(f"image folder {root} does not exist or is not a directory")
-    top = _split_dir(root, split)
-    classes = _class_names(root / "train" if top != root and (root / "train").is_dir() else top)
-    files, labels = _list_images(top, classes)
-
+    top, files, labels, classes = list_image_folder(root, split)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "folders"
     cache_file = cache / f"{top.name}-{_fingerprint(top, files, labels, size)}.safetensors"
     try:
@@ -65,6 +59,17 @@ def load_image_folder(
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image file(s) under {top}, e.g. {skipped[0]}", stacklevel=2)
     return dataset
+
+
+def list_image_folder(root: str | Path, split: str | None = None) -> tuple[Path, list[Path], list[int], list[str]]:
+    """(folder holding the class folders, image paths, labels, class names) of `split`; nothing is decoded."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise VitlabError(f"image folder {root} does not exist or is not a directory")
+    top = _split_dir(root, split)
+    classes = _class_names(root / "train" if top != root and (root / "train").is_dir() else top)
+    files, labels = _list_images(top, classes)
+    return top, files, labels, classes
 
 
 def _split_dir(root: Path, split: str | None) -> Path:

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vitlab.data.folder import _class_names, _list_images, _split_dir, decode_image, open_rgb
+from vitlab.data.folder import decode_image, list_image_folder, open_rgb
 from vitlab.errors import VitlabError
 
 DATA_MODES = ("auto", "memory", "stream")
@@ -84,13 +84,7 @@ class FolderListing:
 
 def scan_folder(root: str | Path, split: str | None = "train") -> FolderListing:
     """List `split` of an image folder without decoding anything (same rules as `load_image_folder`)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise VitlabError(f"image folder {root} does not exist or is not a directory")
-    top = _split_dir(root, split)
-    classes = _class_names(root / "train" if top != root and (root / "train").is_dir() else top)
-    files, labels = _list_images(top, classes)
-    return FolderListing(top, files, labels, classes)
+    return FolderListing(*list_image_folder(root, split))
 
 
 # ---- decoding -----------------------------------------------------------------------------------------------
