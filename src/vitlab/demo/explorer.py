@@ -93,7 +93,8 @@ class Explorer:
     @torch.no_grad()
     def analyse(self, image: str | Path | np.ndarray | Image.Image) -> View:
         """Prepare the image as `vitlab predict` does, classify it, and keep its attention. Bad files: VitlabError."""
-        pixels = self.src.preprocess.prepare(image)  # (S, S, 3) uint8. vitlab.images: the one call site to switch
+        # The one place the demo opens an image: prepare() reads files with vitlab.images.open_image, as predict does
+        pixels = self.src.preprocess.prepare(image)  # (S, S, 3) uint8
         x = self.src.preprocess.normalize(pixels[None])  # (1, 3, S, S)
         probs = self.src.model(x).float().softmax(-1)[0] if self.is_classifier else None  # predict's forward
         feats, attns = forward_with_attention(self.tower, x)  # (1, N, D), depth x (1, H, N, N)
