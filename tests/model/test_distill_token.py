@@ -51,3 +51,19 @@ def test_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model.eval()(x))
+
+
+@needs_timm
+def test_timm_distilled_deit_converts_both_ways():
+    from vitlab.bench import timm_twin
+    from vitlab.convert.timm import from_timm, timm_config_from_state_dict
+
+    ours = create_model("tutorial", distill_token=True, seed=1).eval()
+    theirs = timm_twin(ours).eval()
+    back = from_timm(theirs)
+    assert back.cfg.distill_token and back.num_prefix_tokens == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs(x), rtol=1e-5, atol=1e-5)
+    cfg = timm_config_from_state_dict(theirs.state_dict(), variant="tutorial")  # a bare checkpoint
+    assert cfg.distill_token and cfg.image_size == 32

@@ -133,11 +133,14 @@ def timm_config(m: nn.Module) -> ViTConfig:
     raises VitlabError naming it. Dropout rates are read too, though they only matter in training.
     """
     from timm.layers import Attention, AttentionPoolLatent, LayerScale, Mlp, PatchEmbed
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Block
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    if type(m) is not TimmViT:
-        raise VitlabError(f"from_timm reads plain timm VisionTransformer models; got {type(m).__name__}")
+    if type(m) not in (TimmViT, VisionTransformerDistilled):
+        raise VitlabError("from_timm reads timm VisionTransformer (and distilled DeiT) models; "
+                          f"got {type(m).__name__}")
+    distilled = type(m) is VisionTransformerDistilled
     problems: list[str] = []
     pe = m.patch_embed
     if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or pe.dynamic_img_pad:
@@ -206,7 +209,7 @@ def timm_config(m: nn.Module) -> ViTConfig:
         qkv_bias=blk0.attn.qkv.bias is not None,
         pos_embed="learned" if m.pos_embed is not None else "none",
         pos_embed_prefix=not m.no_embed_class or n_pre == 0, class_token=m.cls_token is not None,
-        reg_tokens=m.num_reg_tokens,
+        reg_tokens=m.num_reg_tokens, distill_token=distilled,
         pooling=pooling,
         dropout=blk0.attn.proj_drop.p, attn_dropout=blk0.attn.attn_drop.p, head_dropout=m.head_drop.p,
         drop_path=getattr(last_dp, "drop_prob", 0.0),
@@ -238,9 +241,10 @@ def timm_config_from_state_dict(state: dict[str, torch.Tensor], *, variant: str,
     """
     P = overrides.get("patch_size", parse_variant(variant).patch_size)
     reg = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
-    cls_tok = "cls_token" in state
-    n_pre = int(cls_tok) + reg
-    inferred: dict = dict(class_token=cls_tok, reg_tokens=reg, qkv_bias="blocks.0.attn.qkv.bias" in state,
+    cls_tok, dist_tok = "cls_token" in state, "dist_token" in state
+    n_pre = int(cls_tok) + int(dist_tok) + reg
+    inferred: dict = dict(class_token=cls_tok, reg_tokens=reg, distill_token=dist_tok,
+                          qkv_bias="blocks.0.attn.qkv.bias" in state,
                           pre_norm="norm_pre.weight" in state,
                           final_norm="fc_norm.weight" in state or "norm.weight" in state)
     if global_pool is not None:
