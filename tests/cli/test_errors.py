@@ -211,19 +211,24 @@ PEAK_RSS = textwrap.dedent("""
 """)
 
 
-def peak_rss(argv, tmp_path):
+def peak_rss(argv):
     r = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True, timeout=300)
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 
+@pytest.fixture(scope="module")
+def baseline():
+    result, err = peak_rss(["info", "H/14"])  # a real large model, described on the meta device
+    assert result["rc"] == 0, err
+    return result
+
+
 @pytest.mark.parametrize("fields", [dict(width=10**9, heads=8, mlp_dim=4), dict(depth=10**6),
                                     dict(image_size=10**6, patch_size=1)])
-def test_absurd_configs_fail_in_info_without_allocating(tmp_path, fields):
-    baseline, _ = peak_rss(["info", "H/14"], tmp_path)  # a real large model described on the meta device
-    assert baseline["rc"] == 0
+def test_absurd_configs_fail_in_info_without_allocating(tmp_path, baseline, fields):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(parse_variant("Ti/16", **fields).to_dict()))
-    result, err = peak_rss(["info", str(tmp_path / "m")], tmp_path)
+    result, err = peak_rss(["info", str(tmp_path / "m")])
     assert result["rc"] == 2 and "is not buildable" in err and err.count("\n") == 1
     assert result["peak_kib"] < baseline["peak_kib"] + 50 * 1024  # no more than describing H/14 took
 
