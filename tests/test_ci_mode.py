@@ -23,6 +23,10 @@ def test_needs_a_tool():
 def test_needs_a_browser():
     pytest.skip("no browser on this machine")
 
+@pytest.mark.optional_env
+def test_needs_a_browser_and_data(cifar_dir):
+    pass
+
 @pytest.mark.xfail(strict=True, reason="known bug")
 def test_known_bug():
     assert False
@@ -54,18 +58,19 @@ def run_tiny(tmp_path):
 def test_ci_mode_fails_on_skips_and_names_them(run_tiny, env):
     code, out = run_tiny(**env)
     assert code == 1, out
-    assert "2 passed" not in out and "1 passed, 3 skipped, 1 xfailed" in out  # the tests themselves still pass
+    assert "1 passed, 4 skipped, 1 xfailed" in out  # the tests themselves still pass
     named = [line for line in out.splitlines() if line.startswith("SKIPPED IN CI ")]
-    assert len(named) == 2, out
+    assert len(named) == 3, out
     assert "test_tiny.py::test_needs_data: real CIFAR-10 not available (set VITLAB_DATA)" in named[0]
     assert "test_tiny.py::test_needs_a_tool: could not import 'no_such_module_vitlab'" in named[1]
-    assert "test_needs_a_browser" not in "\n".join(named)  # optional_env is allowed, xfail is not a skip
+    # optional_env excuses the missing browser, not missing data; an xfail is not a skip
+    assert "test_tiny.py::test_needs_a_browser_and_data: real CIFAR-10 not available" in named[2]
 
 
 def test_outside_ci_skips_pass(run_tiny):
     code, out = run_tiny()
     assert code == 0, out
-    assert "1 passed, 3 skipped, 1 xfailed" in out and "SKIPPED IN CI" not in out
+    assert "1 passed, 4 skipped, 1 xfailed" in out and "SKIPPED IN CI" not in out
     assert "real CIFAR-10 not available" in out  # -ra still lists every skip with its reason
 
 
@@ -74,7 +79,7 @@ def test_ci_mode_passes_when_only_allowed_skips(run_tiny):
         'pytest.importorskip("no_such_module_vitlab")', 'pytest.importorskip("pytest")')
     code, out = run_tiny(body=allowed, VITLAB_CI="1")
     assert code == 0, out
-    assert "3 passed, 1 skipped, 1 xfailed" in out and "SKIPPED IN CI" not in out
+    assert "4 passed, 1 skipped, 1 xfailed" in out and "SKIPPED IN CI" not in out
 
 
 def test_ci_mode_keeps_real_failures_and_flags_module_skips(run_tiny):
