@@ -29,8 +29,6 @@ from vitlab.inspect.images import model_inputs
 from vitlab.inspect.posemb import position_similarity
 from vitlab.inspect.report import Section, write_report
 from vitlab.inspect.rundir import Run, confusion_matrix
-from vitlab.train.evaluate import plot_confusion
-from vitlab.train.metrics import plot_curves
 
 
 @dataclass
@@ -123,10 +121,6 @@ class _Sections:
         from vitlab.inspect.plots import save_figure
 
         self.items.append(Section(title, caption, save_figure(fig, self.out_dir / name)))
-
-    def add_png(self, png: Path | None, title: str, caption: str) -> None:
-        if png is not None:
-            self.items.append(Section(title, caption, png))
 
 
 def explain_run(run: Run, inputs: Inputs | None, *, out_dir: str | Path, show: int = 6,
@@ -244,11 +238,13 @@ def _embedding_section(run: Run, inputs: Inputs, an: Analysis, sections: _Sectio
 
 def _run_sections(run: Run, inputs: Inputs | None, an: Analysis | None, sections: _Sections,
                   notes: list[str]) -> None:
-    """Training curves and confusion matrix, drawn by the trainer's own plotting functions."""
-    out_dir, num_classes = sections.out_dir, run.model.cfg.num_classes
+    """Training curves and confusion matrix, drawn by the same functions as the trainer's figures."""
+    from vitlab.inspect import plots
+
+    num_classes = run.model.cfg.num_classes
     if run.metrics:
-        sections.add_png(plot_curves(run.metrics, out_dir / "training_curves.png"), "Training curves",
-                         "Loss, accuracy and learning rate per epoch from metrics.jsonl.")
+        sections.add(plots.plot_curves(run.metrics), "training_curves.png", "Training curves",
+                     "Loss, accuracy and learning rate per epoch from metrics.jsonl.")
     cm, source = run.confusion, "eval.json"
     if cm is None and an is not None and an.preds is not None and bool((inputs.labels >= 0).all()):
         cm, source = confusion_matrix(inputs.labels, an.preds, num_classes), inputs.source
@@ -258,10 +254,9 @@ def _run_sections(run: Run, inputs: Inputs | None, an: Analysis | None, sections
         return
     acc = 100.0 * float(cm.diagonal().sum()) / max(int(cm.sum()), 1)
     where = f"eval.json ({int(cm.sum())} images)" if source == "eval.json" else source
-    sections.add_png(plot_confusion(cm, run.class_names, out_dir / "confusion_matrix.png",
-                                    title=f"Confusion matrix, {where}: accuracy {acc:.1f}%"),
-                     "Confusion matrix", f"Rows: true class, columns: predicted class, from {source}; colour and "
-                     "numbers are the fraction of each true class.")
+    sections.add(plots.plot_confusion(cm, run.class_names, title=f"Confusion matrix, {where}: accuracy {acc:.1f}%"),
+                 "confusion_matrix.png", "Confusion matrix", f"Rows: true class, columns: predicted class, from "
+                 f"{source}; colour and numbers are the fraction of each true class.")
 
 
 def _query_words(query: str) -> str:

@@ -1,4 +1,5 @@
-"""All the drawing: each function takes arrays from the computing modules and returns a matplotlib Figure.
+"""All the drawing: each function takes arrays from the computing modules and returns a matplotlib Figure
+(inspect's views, and the trainer's curves and confusion matrix).
 
 Figures are built with `matplotlib.figure.Figure` (no pyplot): no global state, no GUI backend, nothing to
 close, and notebooks still display them. `save_figure` writes a PNG whose pixel size is exactly
@@ -16,6 +17,8 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+
+from vitlab.weights import atomic_write
 
 DPI = 130
 OVERLAY_CMAP = "turbo"
@@ -37,10 +40,10 @@ class ImageLabel:
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = DPI) -> Path:
-    """Write `fig` as a PNG of exactly figsize * dpi pixels; no tool name or URL in the metadata."""
+    """Write `fig` as a PNG of exactly figsize * dpi pixels, atomically (a crash never leaves half a PNG);
+    no tool name or URL in the metadata. The one function every vitlab figure is written with."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", metadata={"Software": None})
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": None}))
     return path
 
 
@@ -276,4 +279,66 @@ def plot_embeddings(panels: list[tuple[str, object]], *, classes, class_names: l
         axes[-1].legend(title=colored_by, fontsize=8, title_fontsize=8, loc="center left",
                         bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=1.8)
     fig.suptitle(f"{what} of {len(cls)} images in 2-D, coloured by {colored_by}", fontsize=11)
+    return fig
+
+
+# ---------------------------------------------------------------- training
+
+
+def plot_curves(rows: list[dict], *, title: str = "") -> Figure:
+    """Loss, accuracy and learning-rate panels against epochs, from metrics.jsonl rows."""
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key: str) -> list[float] | None:
+        vals = [r.get(key) for r in rows]
+        return None if all(v is None for v in vals) else [math.nan if v is None else v for v in vals]
+
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = [
+        ("Loss", "loss", [("train_loss", "train"), ("val_loss", "val"), ("test_loss", "test")], 1),
+        ("Accuracy", "accuracy (%)", [("train_acc", "train top-1"), ("val_top1", "val top-1"),
+                                      ("test_top1", "test top-1"), ("test_top5", "test top-5")], 100),
+        ("Learning rate (end of epoch)", "learning rate", [("lr", "lr")], 1),
+    ]
+    for ax, (name, ylabel, keys, scale) in zip(axes, panels):
+        for key, label in keys:
+            ys = series(key)
+            if ys is not None:
+                ax.plot(epochs, [y * scale for y in ys], marker="o", markersize=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs
+        if len(ax.lines) > 1:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_confusion(confusion, classes: list[str], *, title: str) -> Figure:
+    """Row-normalised confusion matrix (rows: true class) with class names on both axes."""
+    c = _np(confusion).astype(np.float64)
+    frac = c / np.maximum(c.sum(1, keepdims=True), 1)  # (K, K), each row sums to 1
+    K = len(classes)
+    side = max(6.0, 0.45 * K + 2)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ticks = range(K)
+    fontsize = 9 if K <= 20 else 5
+    ax.set_xticks(ticks, classes, rotation=45 if K <= 20 else 90, ha="right", fontsize=fontsize)
+    ax.set_yticks(ticks, classes, fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if K <= 20:
+        for i in range(K):
+            for j in range(K):
+                if c[i, j]:
+                    ax.text(j, i, f"{frac[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
     return fig

@@ -1,4 +1,4 @@
-"""Batched evaluation (loss, top-1, top-5, per-class accuracy, confusion matrix) and its figure."""
+"""Batched evaluation (loss, top-1, top-5, per-class accuracy, confusion matrix) and `vitlab eval`'s run report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tqdm import tqdm
 from vitlab.data import load_dataset, normalize
 from vitlab.errors import VitlabError
 from vitlab.speed import inference_forward
-from vitlab.train.metrics import pyplot, save_figure
+from vitlab.train.metrics import figures
 from vitlab.train.predict import load_run
 from vitlab.train.recipes import RUN_CONFIG
 from vitlab.train.runtime import resolve_device
@@ -73,35 +73,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
                       confusion.view(num_classes, num_classes).cpu())
 
 
-def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path, *, title: str) -> Path | None:
-    """Row-normalised confusion matrix with class names on both axes; None without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    c = confusion.double()
-    frac = (c / c.sum(1, keepdim=True).clamp(min=1)).numpy()  # (K, K), each row sums to 1
-    K = len(classes)
-    side = max(6.0, 0.45 * K + 2)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    ticks = range(K)
-    fontsize = 9 if K <= 20 else 5
-    ax.set_xticks(ticks, classes, rotation=45 if K <= 20 else 90, ha="right", fontsize=fontsize)
-    ax.set_yticks(ticks, classes, fontsize=fontsize)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title)
-    if K <= 20:
-        for i in range(K):
-            for j in range(K):
-                if confusion[i, j]:
-                    ax.text(j, i, f"{frac[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if frac[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 EVAL_JSON = "eval.json"
 CONFUSION_PNG = "confusion.png"
 
@@ -135,7 +106,10 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: 
            "top1": res.top1, "top5": res.top5, "per_class": dict(zip(classes, res.per_class)),
            "confusion": res.confusion.tolist(), "classes": classes, "precision": precision}
     write_json(run_dir / EVAL_JSON, out)
-    png = plot_confusion(res.confusion, classes, run_dir / CONFUSION_PNG,
-                         title=f"{run_dir.name}: {dataset} {split}, top-1 {res.top1:.2%} ({res.count} images)")
+    plots, png = figures(), None
+    if plots is not None:
+        fig = plots.plot_confusion(res.confusion, classes, title=f"{run_dir.name}: {dataset} {split}, "
+                                                                 f"top-1 {res.top1:.2%} ({res.count} images)")
+        png = plots.save_figure(fig, run_dir / CONFUSION_PNG)
     out["confusion_png"] = str(png) if png else None
     return out

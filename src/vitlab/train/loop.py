@@ -1,36 +1,37 @@
-"""The training loop: `train(config, out=RUN_DIR)` and `resume(RUN_DIR)`.
+"""The shared training loop: `Trainer` runs any `Task`; `train(config, out=RUN_DIR)` and `resume(RUN_DIR)`
+are the ViT classification run (`vitlab train`), `vitlab.clip.train` the CLIP one (`vitlab train-clip`).
 
-One step: index a batch of uint8 images out of the in-memory training set with this epoch's permutation
-(a seeded torch.Generator), augment it on the training device, forward under optional bf16 autocast,
-soft-target cross-entropy, backward, clip, AdamW step, EMA update, learning rate from the per-step
-warmup + cosine schedule. After each epoch: evaluate (test, and val when held out), log metrics, write the
-run dir (weights loadable by `VisionTransformer.from_pretrained`) and an all-or-nothing checkpoint.
+One step: this epoch's seeded permutation (the `data` generator) picks the batch, the task builds it on the
+device (`Task.batch(index, step)`), `vitlab.speed.TrainStep` runs forward + `Task.loss` + backward + clip +
+AdamW step, then the EMA update, with the learning rate from the per-step warmup + cosine schedule. At each
+epoch end: evaluate (`Task.evaluate`), log metrics, write the run dir (`Task.save`) and an all-or-nothing
+checkpoint. Under a time budget, `Budget` (vitlab.train.budget) plans, refits and stops the run.
 
-Determinism: every random draw comes from three generators (global torch RNG for dropout / drop-path,
-`data` for the epoch order, `augment` for augmentation), all seeded from `config.seed` and saved in each
-checkpoint, so on one machine the same seed gives the same weights and a resumed run the same weights as
-an uninterrupted one.
+Determinism: every random draw comes from the global torch RNG (dropout, drop-path), the `data` generator
+and the task's generators, all seeded from `config.seed` and saved in each checkpoint, so on one machine the
+same seed gives the same weights and a resumed run the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vitlab.data import BatchAugment
 from vitlab.errors import VitlabError
-from vitlab.model import VisionTransformer, create_model, parse_variant
-from vitlab.speed import TrainStep, resolve_precision
-from vitlab.train.budget import margin_s, plan_steps, seconds_per_call
+from vitlab.model import parse_variant
+from vitlab.speed import TrainStep
+from vitlab.train.budget import Budget, seconds_per_call
 from vitlab.train.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -40,14 +41,13 @@ from vitlab.train.checkpoint import (
     rng_states,
     save_checkpoint,
 )
+from vitlab.train.classify import ClassifyTask
 from vitlab.train.ema import ModelEma
-from vitlab.train.evaluate import EvalResult, evaluate
-from vitlab.train.metrics import CURVES_PNG, MetricsLog, plot_curves
+from vitlab.train.metrics import CURVES_PNG, STEPS, MetricsLog, figures
 from vitlab.train.optim import WarmupCosine, create_optimizer
-from vitlab.train.processor import write_preprocessor_config
-from vitlab.train.recipes import RUN_CONFIG, TrainConfig
+from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig
 from vitlab.train.runtime import resolve_device
-from vitlab.train.splits import Splits, load_splits
+from vitlab.train.task import Batch, Task
 from vitlab.weights import load_into, read_json, write_json
 
 
@@ -55,6 +55,7 @@ from vitlab.weights import load_into, read_json, write_json
 class TrainResult:
     run_dir: Path
     metrics: list[dict]  # one row per epoch, as in metrics.jsonl
+    steps: list[dict] = field(default_factory=list)  # the loss every log_every steps, as in steps.jsonl
 
     @property
     def final(self) -> dict:
@@ -65,158 +66,189 @@ class TrainResult:
         return self.final.get("test_top1", float("nan"))
 
 
-def describe(model: VisionTransformer) -> str:
-    """"seed 128w 6d 4h /4 (0.81M params)": the variant name alone hides the recipe's reshaping."""
-    c = model.cfg
-    return f"{c.name} {c.width}w {c.depth}d {c.heads}h /{c.patch_size} ({model.num_params() / 1e6:.2f}M params)"
-
-
-def build_model(config: TrainConfig, *, image_size: int, num_classes: int) -> VisionTransformer:
-    """The config's model at the data's image size and class count, initialised from `config.seed`."""
-    cfg = parse_variant(config.model, **{"image_size": image_size, "num_classes": num_classes,
-                                         "drop_path": config.drop_path, **config.model_args})
-    return create_model(cfg, seed=config.seed)
-
-
+# ---- ViT classification: `vitlab train` ------------------------------------------------------------------
 def train(config: TrainConfig, *, out: str | Path, data: str | Path | None = None, device: str = "auto",
           progress: bool = True, download: bool = False, recipe: str = "", overrides: dict | None = None,
-          log: Callable[[str], None] = tqdm.write) -> TrainResult:
-    """Train a new run into `out` (which must not already hold a run; use `resume` for that)."""
-    run_dir = Path(out)
-    if (run_dir / RUN_CONFIG).exists() or has_checkpoint(run_dir):
-        raise VitlabError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+          log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
+    """Train a new run into `out` (which must not already hold a run; use `resume` for that).
+
+    `started_at`: the `time.perf_counter()` reading the time budget counts from (the CLI gives the process
+    start); default now.
+    """
+    run_dir = check_new_run_dir(out)
     parse_variant(config.model, **config.model_args)  # a bad --model fails now, not after loading the data
-    record = {"recipe": recipe, "overrides": overrides or {}, "config": config.to_dict()}
-    return Trainer(config, run_dir, data=data, device=device, progress=progress, download=download,
-                   record=record, log=log).run()
+    task = ClassifyTask(config, device=resolve_device(device), data=data, download=download)
+    record = {"task": task.kind, "recipe": recipe, "overrides": overrides or {}, "config": config.to_dict()}
+    return Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at).run()
 
 
 def resume(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto", progress: bool = True,
-           log: Callable[[str], None] = tqdm.write) -> TrainResult:
+           log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
     """Continue the run in `run_dir` from its last checkpoint, exactly as if it had never stopped."""
+    run_dir, record, config = read_run(run_dir, TrainConfig, ClassifyTask)
+    task = ClassifyTask(config, device=resolve_device(device),
+                        data=data if data is not None else record.get("data", {}).get("root"))
+    return Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True,
+                   started_at=started_at).run()
+
+
+def check_new_run_dir(out: str | Path) -> Path:
+    run_dir = Path(out)
+    if (run_dir / RUN_CONFIG).exists() or has_checkpoint(run_dir):
+        raise VitlabError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    return run_dir
+
+
+def read_run(run_dir: str | Path, config_class: type[RunConfig],
+             task_class: type[Task]) -> tuple[Path, dict, RunConfig]:
+    """(run dir, its train_config.json, the config in it) of a run of `task_class`'s kind, for resuming."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitlabError(f"cannot resume: {run_dir} is not a directory")
     record = read_json(run_dir / RUN_CONFIG)
+    kind = record.get("task", ClassifyTask.kind)  # runs from before tasks were recorded are classification
+    if kind != task_class.kind:
+        raise VitlabError(f"{run_dir} is a {kind!r} run, not a {task_class.kind!r} one; resume it with the command "
+                          f"that started it")
     try:
-        config = TrainConfig.from_dict(record["config"])
+        config = config_class.from_dict(record["config"])
     except (KeyError, TypeError) as e:
         raise VitlabError(f"{run_dir / RUN_CONFIG} does not describe a training run ({e})") from None
-    return Trainer(config, run_dir, data=data if data is not None else record.get("data", {}).get("root"),
-                   device=device, progress=progress, record=record, log=log, resuming=True).run()
+    return run_dir, record, config
 
 
+# ---- the shared loop ------------------------------------------------------------------------------------
 class Trainer:
-    """State of one run; `run()` trains it to the end. Read top to bottom: setup, plan, loop, epoch end."""
+    """State of one run of a `Task`; `run()` trains it to the end. Read top to bottom: setup, plan, loop,
+    epoch end.
 
-    def __init__(self, config: TrainConfig, run_dir: Path, *, data, device: str, progress: bool, record: dict,
-                 log: Callable[[str], None], download: bool = False, resuming: bool = False) -> None:
-        self.t0 = time.perf_counter()
-        self.config, self.run_dir, self.record, self.log = config, run_dir, record, log
-        self.progress, self.resuming = progress, resuming
-        self.device = resolve_device(device)
-        torch.manual_seed(config.seed)  # global RNG (CPU and CUDA): dropout and drop-path
+    Places later features hook into: `after_step` (per-step checks such as a non-finite-loss guard, per-step
+    scalars), `after_eval` (per-evaluation callbacks: figures, TensorBoard), `epoch_order` (a distributed
+    rank's shard of the permutation), `is_main` (only rank 0 writes), `Task.build_model` (initial weights).
+    """
 
-        self.splits: Splits = load_splits(config, data, download=download)
-        tr = self.splits.train
-        self.images = tr.images.to(self.device)  # (N, 3, H, W) uint8, the whole training set
-        self.labels = tr.labels.to(self.device)
-        self.num_classes = tr.num_classes
-        aug = dataclasses.replace(config.augment, mean=self.splits.mean, std=self.splits.std)
-        self.augment = BatchAugment(aug, num_classes=self.num_classes)
-        self.mixing = (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0) and aug.mix_prob > 0
+    def __init__(self, task: Task, run_dir: str | Path, *, record: dict, progress: bool = True,
+                 log: Callable[[str], None] = tqdm.write, resuming: bool = False,
+                 clock: Callable[[], float] = time.perf_counter, started_at: float | None = None) -> None:
+        c = self.config = task.config
+        self.task, self.run_dir, self.record, self.log = task, Path(run_dir), record, log
+        self.progress, self.resuming, self.clock = progress, resuming, clock
+        self.t0 = clock() if started_at is None else started_at  # elapsed time and the budget count from here
+        self.device = task.device
+        self.rank, self.world_size = 0, 1  # one process; a distributed run sets these (only rank 0 writes)
+        torch.manual_seed(c.seed)  # global RNG (CPU and CUDA): dropout and drop-path
 
-        self.model = build_model(config, image_size=tr.image_size, num_classes=self.num_classes).to(self.device)
-        self.model.set_grad_checkpointing(config.grad_checkpointing)
-        self.forward = torch.compile(self.model) if config.compile else self.model  # for evaluation
-        self.steps: dict[str, TrainStep] = {}  # one training step per precision (the bf16-pure copy lives there)
-        self.optimizer = create_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay,
-                                          betas=config.betas)
-        self.data_gen = torch.Generator().manual_seed(config.seed)  # epoch order, on the CPU
-        self.aug_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.model = task.build_model().to(self.device)
+        self.forward = torch.compile(self.model) if c.compile else self.model  # for evaluation
+        self.precision = record.get("plan", {}).get("precision") or task.resolve_precision(c.precision)
+        self.optimizer = create_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
+        self.train_step_fn = TrainStep(task.train_module(self.model), self.optimizer, precision=self.precision,
+                                       compile=c.compile, clip_grad=c.grad_clip, loss_fn=task.loss)
+        self.ema = ModelEma(self.model, decay=c.ema) if c.ema else None
+        self.data_gen = torch.Generator().manual_seed(c.seed)  # epoch order, on the CPU
 
-        self.batch_size = min(config.batch_size, len(tr))
-        self.steps_per_epoch = max(1, len(tr) // self.batch_size)  # drop the last partial batch, as timm
-        self.metrics = MetricsLog(run_dir)
+        self.batch_size = min(c.batch_size, task.train_size)
+        self.steps_per_epoch = max(1, task.train_size // self.batch_size)  # drop the last partial batch, as timm
+        self.total_steps = self.capped(max(1, round(c.epochs * self.steps_per_epoch)))  # a budget refits it
+        self.schedule = WarmupCosine(c.lr, self.total_steps, self.warmup_steps(self.total_steps), c.min_lr)
+        self.budget = Budget(c.time_budget * 60, steps_per_epoch=self.steps_per_epoch, clock=clock,
+                             start=self.t0) if c.time_budget else None
+        self.metrics = MetricsLog(self.run_dir)
+        self.step_log = MetricsLog(self.run_dir, STEPS, columns=None)
         self.step, self.epoch, self.elapsed_before, self.finished = 0, 0, 0.0, False
-        self.lr = config.lr
+        self.lr = c.lr
+        self.epoch_stats: dict = {}  # train_loss, train_acc, images_per_sec of the last epoch
+        self.logged_total = self.total_steps  # the schedule length last reported in the log
         self.noted_no_plot = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"data": self.data_gen, **self.task.generators}
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.forward
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + self.clock() - self.t0
+
+    def capped(self, total: int) -> int:
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def warmup_steps(self, total: int) -> int:
+        warmup = min(round(self.config.warmup_epochs * self.steps_per_epoch), total)
+        if self.config.time_budget:  # a budget may cut the run far below the recipe's epochs: keep warmup <= 1/5
+            warmup = min(warmup, total // 5)
+        return warmup
 
     # ---- setup -----------------------------------------------------------------------------------------
     def plan(self) -> None:
-        """Precision, number of steps and schedule: from the record when resuming, else decided now."""
-        c, plan = self.config, self.record.get("plan")
+        """Number of steps and schedule: from the record when resuming, else the epochs or the time budget."""
+        plan = self.record.get("plan")
         if plan is None:
-            self.precision, timings = self.choose_precision()
-            total = max(1, round(c.epochs * self.steps_per_epoch))
-            if c.time_budget:
-                timings = timings or self.time_steps([self.precision])
-                total = self.fit_budget(timings[self.precision])
-            warmup = min(round(c.warmup_epochs * self.steps_per_epoch), total)
-            if c.time_budget:  # a budget may cut the run far below the recipe's epochs: keep warmup <= 1/5
-                warmup = min(warmup, total // 5)
-            plan = {"precision": self.precision, "total_steps": total, "warmup_steps": warmup,
-                    "steps_per_epoch": self.steps_per_epoch, "batch_size": self.batch_size,
-                    "step_seconds": {k: round(v, 4) for k, v in timings.items()}}
-        self.precision = plan["precision"]
-        self.total_steps = plan["total_steps"]
-        self.schedule = WarmupCosine(c.lr, plan["total_steps"], plan["warmup_steps"], c.min_lr)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            timed = {}
+            if self.budget is not None:
+                timed = {"step_s": self.time_step(), "epoch_end_s": self.time_epoch_end()}
+                total = self.capped(self.budget.plan(step=0, **timed))
+                self.set_total_steps(total)
+                self.schedule = dataclasses.replace(self.schedule, warmup_steps=self.warmup_steps(total))
+                self.log(f"time budget {self.config.time_budget:g} min: {timed['step_s']:.3f} s/step, "
+                         f"{timed['epoch_end_s']:.1f} s per evaluation + save -> {total} steps "
+                         f"({total / self.steps_per_epoch:.1f} epochs)")
+            plan = {"precision": self.precision, "total_steps": self.total_steps,
+                    "warmup_steps": self.schedule.warmup_steps, "steps_per_epoch": self.steps_per_epoch,
+                    "batch_size": self.batch_size, **{k: round(v, 4) for k, v in timed.items()}}
+        elif self.budget is not None:  # resuming: go on from the first process's timings (a checkpoint's are newer)
+            self.budget.load_state_dict({"step_s": plan.get("step_s", 0.0),
+                                         "epoch_ends": [plan.get("epoch_end_s", 0.0)]})
+        self.set_total_steps(plan["total_steps"])
+        self.schedule = dataclasses.replace(self.schedule, warmup_steps=plan["warmup_steps"])
         self.record["plan"] = plan
-        self.ema = ModelEma(self.model, decay=c.ema) if c.ema else None
+        self.logged_total = self.total_steps
 
-    def choose_precision(self) -> tuple[str, dict[str, float]]:
-        """"auto" -> `vitlab.speed.resolve_precision`: the same choice `vitlab bench` times, decided by the
-        device, not by a timing that load on a shared machine can flip."""
-        return resolve_precision(self.config.precision, device=self.device), {}
+    def set_total_steps(self, total: int) -> None:
+        """Move the end of the run (and of the cosine) to step `total`."""
+        self.total_steps = total
+        self.schedule = dataclasses.replace(self.schedule, total_steps=max(total, 1))
 
-    def time_steps(self, precisions: list[str]) -> dict[str, float]:
-        """Seconds per training step in each precision, measured on the real model, then undone.
+    def time_step(self) -> float:
+        """Seconds per training step, measured on the real model, then undone.
 
-        The weights are restored, the optimizer state cleared and the RNGs forked, so measuring changes
-        nothing about the run (the same seed gives the same weights with or without it).
+        The weights, the optimizer state and every random generator come back as they were, so measuring
+        changes nothing about the run (the same seed gives the same weights with or without it).
         """
-        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        g = torch.Generator(device=self.device).manual_seed(0)
-        x, t = self.augment(self.images[:self.batch_size], self.labels[:self.batch_size], g)
-        times = {}
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for p in precisions:
-                times[p] = seconds_per_call(lambda p=p: self.train_step(x, t, p), warmup=1, repeats=2,
-                                            device=self.device)
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        optimizer = copy.deepcopy(self.optimizer.state_dict())
+        rng = rng_states(self.generators)
+        batch = self.task.batch(torch.arange(self.batch_size, device=self.device), 0)
+        seconds = seconds_per_call(lambda: self.train_step(batch), warmup=1, repeats=2, device=self.device,
+                                   clock=self.clock)
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
-                v.copy_(saved[k])
-        self.optimizer.state.clear()
+                v.copy_(weights[k])
+        self.optimizer.load_state_dict(optimizer)
+        restore_rng(rng, self.generators)
         self.model.zero_grad(set_to_none=True)
-        return times
+        return seconds
 
-    def epoch_overhead_s(self) -> float:
-        """Seconds for one end-of-epoch evaluation (test + val) plus checkpoint, measured on a slice of test."""
-        test = self.splits.test
-        m = min(self.config.eval_batch_size, len(test))
-        t = seconds_per_call(lambda: evaluate(self.forward, test.images[:m], test.labels[:m], mean=self.splits.mean,
-                                              std=self.splits.std, num_classes=self.num_classes,
-                                              batch_size=m, device=self.device, precision=self.precision),
-                             warmup=1, repeats=1, device=self.device)
-        n_eval = len(test) + (len(self.splits.val) if self.splits.val is not None else 0)
-        ckpt_bytes = sum(p.numel() * 4 for p in self.model.parameters()) * (4 if self.config.ema else 3)
-        return t * n_eval / m + 0.3 + ckpt_bytes / 100e6  # + figure and files at ~100 MB/s
-
-    def fit_budget(self, step_s: float) -> int:
-        """Steps that fit `time_budget` minutes, counting what setup has already used."""
-        budget = self.config.time_budget * 60
-        self.epoch_s = self.epoch_overhead_s()
-        self.deadline = self.t0 + budget - margin_s(budget)
-        available = self.deadline - time.perf_counter()
-        steps = plan_steps(available, step_s=step_s, epoch_s=self.epoch_s, steps_per_epoch=self.steps_per_epoch)
-        if steps < 1:
-            raise VitlabError(f"time budget of {self.config.time_budget:g} min is too short: one step takes "
-                              f"{step_s:.1f} s and one evaluation + checkpoint {self.epoch_s:.1f} s, "
-                              f"{margin_s(budget):.0f} s are kept as margin and setup took "
-                              f"{time.perf_counter() - self.t0:.0f} s")
-        self.log(f"time budget {self.config.time_budget:g} min: {step_s:.3f} s/step, "
-                 f"{self.epoch_s:.1f} s/evaluation -> {steps} steps ({steps / self.steps_per_epoch:.1f} epochs)")
-        return steps
+    def time_epoch_end(self) -> float:
+        """Seconds one end of epoch takes: an evaluation timed on a slice and scaled to the full one, plus a
+        real save (run dir, checkpoint, curves) into a scratch folder that is then removed."""
+        m = min(self.config.eval_batch_size, self.task.eval_size)
+        t_eval = seconds_per_call(lambda: self.task.evaluate(self.eval_model, precision=self.precision, limit=m),
+                                  warmup=1, repeats=1, device=self.device, clock=self.clock)
+        rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
+        with tempfile.TemporaryDirectory(prefix=".budget-probe-", dir=self.run_dir) as scratch:
+            def save() -> None:
+                self.save(Path(scratch))
+                self.plot_curves(Path(scratch), rows)
+            t_save = seconds_per_call(save, warmup=1, repeats=1, clock=self.clock)  # warmup: matplotlib's import
+        return t_eval * self.task.eval_size / m + t_save
 
     def restore(self) -> None:
         """Load the last checkpoint: weights, optimizer, EMA, RNG states, counters, metrics so far."""
@@ -230,180 +262,206 @@ class Trainer:
         self.elapsed_before, self.finished = state["elapsed_s"], state.get("finished", False)
         self.total_steps = state["total_steps"]
         self.schedule = WarmupCosine(**state["schedule"])
-        self.metrics.load()
-        self.metrics.truncate(self.epoch)
-
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"data": self.data_gen, "augment": self.aug_gen}
-
-    # ---- the loop --------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, targets: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on an augmented batch (soft targets: smoothing and mixing included).
-
-        The step itself is `vitlab.speed.TrainStep`, the path `vitlab bench` times; returns (loss, logits).
-        """
-        if precision not in self.steps:
-            self.steps[precision] = TrainStep(self.model, self.optimizer, precision=precision,
-                                              compile=self.config.compile, clip_grad=self.config.grad_clip)
-        return self.steps[precision](x, targets)
-
-    def run(self) -> TrainResult:
-        self.deadline: float | None = None  # set by fit_budget: stop before it, whatever the plan said
-        self.plan()
-        if self.resuming and has_checkpoint(self.run_dir):
-            self.restore()
-            if self.finished:
-                self.log(f"{self.run_dir} is already complete ({self.epoch} epochs, {self.step} steps)")
-                return TrainResult(self.run_dir, self.metrics.rows)
-            self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
-        self.write_run_files()
-        n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.log(f"training {describe(self.model)} on "
-                 f"{len(self.splits.train)} images, {self.total_steps} steps of {self.batch_size} "
-                 f"({n_epochs} epochs), {self.precision} on {self.device}")
-        step_times: list[float] = []
-        epoch_times: list[float] = []
-        try:
-            while self.step < self.total_steps:
-                stopped = self.run_epoch(step_times)
-                if not stopped:
-                    self.replan(step_times, epoch_times)
-                t = time.perf_counter()
-                self.end_epoch(finished=stopped or self.step >= self.total_steps)
-                epoch_times.append(time.perf_counter() - t)
-                if stopped:
-                    break
-        except KeyboardInterrupt:
-            if has_checkpoint(self.run_dir):
-                self.log(f"interrupted; continue with: vitlab train --resume {self.run_dir}")
-            raise
-        return TrainResult(self.run_dir, self.metrics.rows)
-
-    def run_epoch(self, step_times: list[float]) -> bool:
-        """Train one pass over the data (or what is left of the run); True if the time budget ran out."""
-        bs = self.batch_size
-        perm = torch.randperm(len(self.images), generator=self.data_gen).to(self.device)
-        steps = min(self.steps_per_epoch, self.total_steps - self.step)
-        n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        bar = tqdm(total=steps * bs, desc=f"epoch {self.epoch + 1}/{n_epochs}", unit="img", unit_scale=True,
-                   leave=False, disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
-        self.model.train()
-        t_epoch, done, stopped = time.perf_counter(), 0, False
-        for i in range(steps):
-            if self.deadline is not None and step_times and \
-                    time.perf_counter() + step_times[-1] + self.epoch_s > self.deadline:
-                stopped = True
-                self.log(f"time budget reached at step {self.step}/{self.total_steps}; stopping")
-                break
-            t = time.perf_counter()
-            idx = perm[i * bs:(i + 1) * bs]
-            y = self.labels[idx]
-            x, targets = self.augment(self.images[idx], y, self.aug_gen)  # (B, 3, H, W) float, (B, K)
-            self.lr = self.schedule.apply(self.optimizer, self.step)
-            loss, logits = self.train_step(x, targets, self.precision)
-            if self.ema is not None:
-                self.ema.update(self.model)
-            loss_sum += loss
-            if not self.mixing:
-                correct += (logits.argmax(1) == y).sum()
-            self.step += 1
-            done += 1
-            step_times.append(time.perf_counter() - t)
-            bar.update(bs)
-            if i % 10 == 0 or i == steps - 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
-        bar.close()
-        self.epoch += 1
-        self.epoch_stats = {
-            "train_loss": (loss_sum / max(done, 1)).item() if done else None,
-            "train_acc": None if self.mixing or not done else correct.item() / (done * bs),
-            "images_per_sec": done * bs / max(time.perf_counter() - t_epoch, 1e-9),
-        }
-        return stopped
-
-    def replan(self, step_times: list[float], epoch_times: list[float]) -> None:
-        """Under a time budget, refit the remaining steps to the time left, from what the epochs really cost.
-
-        Called after an epoch's steps, before its evaluation. The first plan came from a few timed steps; a
-        shared machine can run slower or faster since. Moving the end of the cosine by a little each epoch
-        keeps the schedule whole, where the hard stop in `run_epoch` would cut it.
-        """
-        if self.deadline is None or not step_times:
-            return
-        recent = sorted(step_times[-self.steps_per_epoch:])
-        if epoch_times:
-            self.epoch_s = sorted(epoch_times)[len(epoch_times) // 2]
-        left = plan_steps(self.deadline - time.perf_counter() - self.epoch_s, step_s=recent[len(recent) // 2],
-                          epoch_s=self.epoch_s, steps_per_epoch=self.steps_per_epoch)
-        total = self.step + left
-        if abs(total - self.total_steps) > 0.03 * self.total_steps:  # ignore timing jitter
-            self.log(f"time budget: the schedule now ends at step {total} instead of {self.total_steps}")
-            self.total_steps = total
-            self.schedule = dataclasses.replace(self.schedule, total_steps=max(total, 1))
-
-    # ---- end of epoch ----------------------------------------------------------------------------------
-    @property
-    def eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.forward
-
-    def evaluate_split(self, name: str) -> EvalResult:
-        ds = getattr(self.splits, name)
-        return evaluate(self.eval_model, ds.images, ds.labels, mean=self.splits.mean, std=self.splits.std,
-                        num_classes=self.num_classes, batch_size=self.config.eval_batch_size,
-                        device=self.device, precision=self.precision, progress=self.progress, desc=name)
-
-    def end_epoch(self, *, finished: bool) -> None:
-        t = time.perf_counter()
-        row = {"epoch": self.epoch, "step": self.step, **self.epoch_stats}
-        row.update({f"test_{k}": v for k, v in self.evaluate_split("test").summary().items()})
-        if self.splits.val is not None:
-            row.update({f"val_{k}": v for k, v in self.evaluate_split("val").summary().items()})
-        row["lr"] = self.lr
-        row["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t0, 2)
-        self.metrics.append(row)
-        self.save(finished=finished, elapsed=row["elapsed_s"])
-        title = f"{self.run_dir.name}: {describe(self.model)}"
-        if plot_curves(self.metrics.rows, self.run_dir / CURVES_PNG, title=title) is None and not self.noted_no_plot:
-            self.log("matplotlib is not installed: no curves.png (pip install 'vitlab[plot]')")
-            self.noted_no_plot = True
-        shown = [f"{k} {row[k]:.4f}" if "loss" in k else f"{k} {row[k]:.2%}"
-                 for k in ("train_loss", "train_acc", "test_loss", "test_top1", "val_top1") if row.get(k) is not None]
-        self.log(f"epoch {self.epoch}  step {self.step}  {'  '.join(shown)}  lr {self.lr:.2e}  "
-                 f"{row['images_per_sec']:.0f} img/s  ({row['elapsed_s'] / 60:.1f} min; "
-                 f"eval+save {time.perf_counter() - t:.1f} s)")
+        if self.budget is not None:
+            self.budget.carry_over(self.elapsed_before)
+            self.budget.load_state_dict(state.get("budget") or {})
+        for log in (self.metrics, self.step_log):
+            log.load()
+            log.truncate(self.step)
 
     def write_run_files(self) -> None:
-        """train_config.json and preprocessor_config.json: everything but the weights, once per start."""
+        """train_config.json and the task's own files: everything but the weights, once per start."""
+        if not self.is_main:
+            return
         import numpy
 
         from vitlab import __version__
 
         self.record.update({
-            "data": self.splits.info(self.config.dataset),
-            "model": {"variant": self.config.model, "params": self.model.num_params(),
-                      "config": self.model.cfg.to_dict()},
+            **self.task.record(self.model),
             "device": str(self.device), "torch": torch.__version__, "numpy": numpy.__version__,
             "vitlab": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "threads": torch.get_num_threads(),
         })
         write_json(self.run_dir / RUN_CONFIG, self.record)
-        write_preprocessor_config(self.run_dir, image_size=self.model.cfg.image_size, mean=self.splits.mean,
-                                  std=self.splits.std)
+        self.task.write_run_files(self.run_dir)
 
-    def save(self, *, finished: bool, elapsed: float) -> None:
-        """The run's weights (EMA when on) for from_pretrained, then the resumable checkpoint."""
-        run_weights = self.ema.module if self.ema is not None else self.model
-        run_weights.save_pretrained(self.run_dir, class_names=self.splits.classes)
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.plan()
+        if self.resuming and has_checkpoint(self.run_dir):
+            self.restore()
+            if self.finished:
+                self.log(f"{self.run_dir} is already complete ({self.epoch} epochs, {self.step} steps)")
+                return self.result()
+            self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
+        self.write_run_files()
+        self.log(f"training {self.task.describe(self.model)} on {self.task.train_size} images, {self.total_steps} "
+                 f"steps of {self.batch_size} ({self.num_epochs} epochs), {self.precision} on {self.device}")
+        try:
+            while not self.finished:
+                self.run_epoch()
+        except KeyboardInterrupt:
+            if has_checkpoint(self.run_dir):
+                self.log(f"interrupted; continue with: {self.task.command} --resume {self.run_dir}")
+            raise
+        return self.result()
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.run_dir, self.metrics.rows, self.step_log.rows)
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def epoch_order(self) -> torch.Tensor:
+        """This epoch's order of the training examples, on the device (a distributed rank takes its shard)."""
+        return torch.randperm(self.task.train_size, generator=self.data_gen).to(self.device)
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, object]:
+        """One optimizer step (`vitlab.speed.TrainStep`, the path `vitlab bench` times): (loss, outputs)."""
+        return self.train_step_fn(batch.inputs, batch)
+
+    def run_epoch(self) -> None:
+        """Train one pass over the data (or what is left of the run), then evaluate and save."""
+        bs, first = self.batch_size, self.step
+        order = self.epoch_order()
+        loss_sum = torch.zeros((), device=self.device)
+        correct: torch.Tensor | None = None
+        bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - first) * bs, unit="img", unit_scale=True,
+                   desc=f"epoch {self.epoch + 1}/{self.num_epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main), mininterval=1.0)
+        self.model.train()
+        t_epoch, stopped = self.clock(), False
+        for i in range(self.steps_per_epoch):
+            if self.step >= self.total_steps:
+                break
+            if self.budget is not None and self.budget.should_stop():
+                stopped = True
+                self.log(f"time budget reached at step {self.step}/{self.total_steps}; stopping")
+                break
+            batch = self.task.batch(order[i * bs:(i + 1) * bs], self.step)
+            self.lr = self.schedule.apply(self.optimizer, self.step)
+            loss, outputs = self.train_step(batch)
+            self.step += 1
+            loss_sum += loss
+            n_right = self.task.correct(outputs, batch)
+            if n_right is not None:
+                correct = n_right if correct is None else correct + n_right
+            self.after_step(batch, loss, outputs)
+            if self.budget is not None:
+                self.budget.observe_step()
+                if self.budget.refit_due():
+                    self.refit()
+                    bar.total = min(self.steps_per_epoch, max(self.total_steps - first, 0)) * bs
+            bar.update(bs)
+            if self.step % self.config.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
+        bar.close()
+        done = self.step - first
+        if done:
+            self.log_step(loss)
+        self.epoch += 1
+        self.epoch_stats = {
+            "train_loss": (loss_sum / done).item() if done else None,
+            "train_acc": correct.item() / (done * bs) if correct is not None else None,
+            "images_per_sec": done * bs / max(self.clock() - t_epoch, 1e-9),
+        }
+        finished = stopped or self.step >= self.total_steps
+        if not finished and self.budget is not None and self.budget.should_stop(after_epoch_end=True):
+            finished = True
+            self.log(f"time budget: no room for another step after this evaluation; stopping at step "
+                     f"{self.step}/{self.total_steps}")
+        t = self.clock()
+        self.end_epoch(finished=finished)
+        if self.budget is not None:
+            self.budget.observe_epoch_end(self.clock() - t)
+            if not finished:
+                self.refit()
+
+    def after_step(self, batch: Batch, loss: torch.Tensor, outputs) -> None:
+        """After each optimizer step (`self.step` already counts it): EMA, the per-step loss log.
+        Per-step checks (a non-finite loss guard) and per-step scalars (TensorBoard) go here."""
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.step % self.config.log_every == 0 or self.step == 1:
+            self.log_step(loss)
+
+    def log_step(self, loss: torch.Tensor) -> None:
+        """A point of steps.jsonl (every log_every steps, the first and each epoch's last)."""
+        if not self.step_log.rows or self.step_log.rows[-1]["step"] != self.step:
+            self.step_log.append({"step": self.step, "epoch": self.epoch + 1, "loss": round(loss.item(), 5),
+                                  "lr": self.lr, "elapsed_s": round(self.elapsed(), 3)})
+
+    def refit(self) -> None:
+        """Under a time budget, move the end of the schedule to what now fits (vitlab.train.budget.Budget.fit).
+
+        The first plan came from a few timed steps; a shared machine can run slower or faster since. Moving
+        the end of the cosine a little at each refit keeps the schedule whole, where the hard stop would cut it.
+        """
+        total = self.capped(self.budget.fit(self.step))
+        if total != self.total_steps:
+            self.set_total_steps(total)
+            if abs(total - self.logged_total) > max(0.05 * self.logged_total, 10):  # news, not jitter
+                self.log(f"time budget: the schedule now ends at step {total} instead of {self.logged_total}")
+                self.logged_total = total
+
+    # ---- end of epoch ----------------------------------------------------------------------------------
+    def end_epoch(self, *, finished: bool) -> None:
+        """Evaluate, then write metrics, run dir and checkpoint (in that order: see MetricsLog)."""
+        t = self.clock()
+        row = {"epoch": self.epoch, "step": self.step, **self.epoch_stats}
+        row.update(self.task.evaluate(self.eval_model, precision=self.precision, progress=self.progress))
+        row["lr"] = self.lr
+        row["elapsed_s"] = round(self.elapsed(), 2)
+        self.metrics.append(row)
+        self.finished = finished
+        if self.is_main:
+            self.metrics.write()
+            self.step_log.write()
+            self.save(self.run_dir, elapsed=row["elapsed_s"])
+        self.after_eval(row, seconds=self.clock() - t)
+
+    def after_eval(self, row: dict, *, seconds: float) -> None:
+        """After each evaluation + save: curves.png and the log line. Per-evaluation callbacks (TensorBoard
+        scalars and images) go here."""
+        if not self.is_main:
+            return
+        if self.plot_curves(self.run_dir, self.metrics.rows) is None and not self.noted_no_plot:
+            self.log("matplotlib is not installed: no curves.png (pip install 'vitlab[plot]')")
+            self.noted_no_plot = True
+        shown = [f"{k} {row[k]:.4f}" if "loss" in k else f"{k} {row[k]:.2%}"
+                 for k in ("train_loss", "train_acc", "test_loss", "test_top1", "val_top1") if row.get(k) is not None]
+        left = "" if self.finished else f", ~{self.minutes_left(seconds):.1f} min left"
+        self.log(f"epoch {self.epoch}  step {self.step}  {'  '.join(shown)}  lr {self.lr:.2e}  "
+                 f"{row['images_per_sec']:.0f} img/s  ({row['elapsed_s'] / 60:.1f} min{left}; "
+                 f"eval+save {seconds:.1f} s)")
+
+    def minutes_left(self, eval_s: float) -> float:
+        """From the last epoch's speed (to the deadline under a time budget)."""
+        if self.budget is not None:
+            return max(self.budget.left(), 0.0) / 60
+        steps = self.total_steps - self.step
+        train_s = steps * self.batch_size / max(self.epoch_stats["images_per_sec"], 1e-9)
+        return (train_s + math.ceil(steps / self.steps_per_epoch) * eval_s) / 60
+
+    def plot_curves(self, run_dir: Path, rows: list[dict]) -> Path | None:
+        plots = figures()
+        if plots is None or not rows:
+            return None
+        fig = plots.plot_curves(rows, title=f"{self.run_dir.name}: {self.task.describe(self.model)}")
+        return plots.save_figure(fig, run_dir / CURVES_PNG)
+
+    def save(self, run_dir: Path, *, elapsed: float = 0.0) -> None:
+        """The run's weights (EMA when on) as the task's model dir, then the resumable checkpoint."""
+        self.task.save(self.ema.module if self.ema is not None else self.model, run_dir)
         opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
-        tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors,
-                   "rng": rng_states(self.generators)}
+        tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng_states(self.generators)}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         state = {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
                  "schedule": self.schedule.state_dict(), "optimizer": opt_meta,
                  "ema_updates": self.ema.updates if self.ema is not None else 0,
-                 "elapsed_s": elapsed, "finished": finished}
-        save_checkpoint(self.run_dir, tensors=tensors, state=state)
+                 "elapsed_s": elapsed, "finished": self.finished,
+                 "budget": self.budget.state_dict() if self.budget is not None else None}
+        save_checkpoint(run_dir, tensors=tensors, state=state)

@@ -1,4 +1,5 @@
-"""`TrainConfig`, everything a training run depends on, and the ONE table of named recipes.
+"""`RunConfig` (what every run of the shared loop reads), `TrainConfig` (+ the ViT), and the ONE table of
+named recipes.
 
 A recipe is a complete `TrainConfig`; the CLI (`--epochs --lr --model ...`) overrides single fields with
 `resolve_recipe(name, **overrides)`. The resolved config is saved as `train_config.json` in the run dir,
@@ -23,17 +24,15 @@ from vitlab.data import AugmentConfig
 from vitlab.errors import VitlabError, check_fields
 from vitlab.speed import PRECISIONS
 
-RUN_CONFIG = "train_config.json"  # the resolved TrainConfig + plan + data info, in every run dir
+RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in every run dir
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A training run. Field names are the CLI flags with dashes turned into underscores."""
+class RunConfig:
+    """What every run of the shared loop (`vitlab.train.loop.Trainer`) reads: data selection, optimisation,
+    execution. `TrainConfig` (ViT classification) and `ClipTrainConfig` add their model's fields.
+    Field names are the CLI flags with dashes turned into underscores, the same in `train` and `train-clip`."""
 
-    # ---- model: a variant from vitlab.model's table, optionally reshaped by model_args -----------------
-    model: str = "seed"
-    model_args: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"width": 96, "depth": 6}
-    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0)
     # ---- data ------------------------------------------------------------------------------------------
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder
     val_split: float = 0.0  # fraction of train held out (seeded) and evaluated each epoch
@@ -42,6 +41,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # mean/std are set from the dataset
     # ---- optimisation ----------------------------------------------------------------------------------
     epochs: float = 10  # may be fractional: training length is epochs * steps_per_epoch optimizer steps
+    max_steps: int = 0  # >0: stop after this many optimizer steps (the schedule ends there too)
     batch_size: int = 256
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 0.0  # learning rate at the end of the cosine
@@ -53,9 +53,9 @@ class TrainConfig:
     # ---- execution -------------------------------------------------------------------------------------
     precision: str = "auto"  # fp32 | bf16 (autocast) | bf16-pure | auto (vitlab.speed.resolve_precision)
     compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
     eval_batch_size: int = 1000
     time_budget: float = 0.0  # minutes; >0: fit steps + schedule to end within this wall-clock budget
+    log_every: int = 10  # optimizer steps between points of the per-step loss log (steps.jsonl)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,24 +71,42 @@ class TrainConfig:
              "warmup_epochs, weight_decay and grad_clip must be >= 0")
         need(0 <= self.ema < 1, f"ema decay must be in [0, 1), got {self.ema}")
         need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
-        need(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
-        need(self.train_subset >= 0 and self.test_subset >= 0 and self.time_budget >= 0,
-             "train_subset, test_subset and time_budget must be >= 0")
+        need(self.train_subset >= 0 and self.test_subset >= 0 and self.time_budget >= 0 and self.max_steps >= 0,
+             "train_subset, test_subset, time_budget and max_steps must be >= 0")
+        need(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
+    def from_dict(cls, d: dict):
+        """Inverse of `to_dict` (JSON turned tuples into lists and the augmentation into a dict)."""
         check_fields(cls, d, "training-config")
         d = dict(d)
         if isinstance(d.get("augment"), dict):
             aug = d["augment"]
             d["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        for f in dataclasses.fields(cls):
+            if isinstance(d.get(f.name), list) and isinstance(f.default, tuple):
+                d[f.name] = tuple(d[f.name])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """A ViT classification run (`vitlab train`): the shared fields plus the model."""
+
+    # ---- model: a variant from vitlab.model's table, optionally reshaped by model_args -----------------
+    model: str = "seed"
+    model_args: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"width": 96, "depth": 6}
+    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.drop_path < 1:
+            raise VitlabError(f"invalid training config: drop_path must be in [0, 1), got {self.drop_path}")
 
 
 # Light augmentation for short runs: crop + flip + label smoothing. Policies and mixing regularise, which a
