@@ -67,9 +67,8 @@ def main() -> None:
     runs = []
     for loss in ("siglip", "clip"):
         for bs in batch_sizes:
-            cfg = ClipTrainConfig(loss=loss, batch_size=bs, time_budget_min=args.budget, eval_limit=args.eval_limit,
-                                  device="cpu")
-            r = train_clip(cfg, data=args.data, progress=True)
+            cfg = ClipTrainConfig(loss=loss, batch_size=bs, time_budget=args.budget, test_subset=args.eval_limit)
+            r = train_clip(cfg, data=args.data, device="cpu", progress=True)
             runs.append({"loss": loss, "batch_size": bs, **{k: v for k, v in r.items() if k != "config"}})
             print(f"{loss:6s} batch {bs:5d}: {r['steps']:4d} steps, {r['images_seen']:6d} images, "
                   f"final loss {r['final_loss']}, zero-shot {100 * r['zero_shot_accuracy']:.2f}%", flush=True)

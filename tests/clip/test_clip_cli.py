@@ -87,12 +87,19 @@ def test_zeroshot_on_a_hugging_face_dir_matches_transformers(tmp_path, capsys):
 def test_train_clip_few_steps_writes_a_usable_dir(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train-clip", "--loss", "clip", "--batch-size", "32", "--max-steps", "3", "--time-budget", "5",
-               "--data", str(cifar_dir), "--train-limit", "500", "--eval-limit", "100", "--out", str(out)])
+               "--data", str(cifar_dir), "--train-subset", "500", "--test-subset", "100", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "3 steps, 96 images" in printed and "zero-shot accuracy on 100 CIFAR-10 test images" in printed
-    log = json.loads((out / "train_log.json").read_text())
-    assert log["steps"] == 3 and log["loss_curve"][0]["step"] == 1 and 0 <= log["zero_shot_accuracy"] <= 1
+    # the shared loop's run dir: metrics per evaluation, the loss curve, a resumable checkpoint
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 3 and 0 <= rows[0]["test_top1"] <= rows[0]["test_top5"] <= 1
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert steps[0]["step"] == 1 and steps[-1]["step"] == 3
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["task"] == "clip" and record["config"]["loss"] == "clip" and record["plan"]["total_steps"] == 3
+    assert (out / "checkpoint" / "latest.json").is_file()
     model, tokenizer, preprocess = load_model_dir(out)
     assert model.kind == "clip" and isinstance(tokenizer, ByteTokenizer) and preprocess.output_size == 32
     from vitlab.data import load_cifar10
@@ -102,3 +109,54 @@ def test_train_clip_few_steps_writes_a_usable_dir(cifar_dir, tmp_path, capsys):
     Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).save(img)
     assert main(["zeroshot", str(out), "--classes", ",".join(test.classes), "--top-k", "3", str(img)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 5
+    # the zero-shot accuracy printed is the one `vitlab zeroshot`'s model gives on those 100 images
+    from vitlab.clip.zeroshot import TEMPLATES, zero_shot_accuracy
+
+    classifier = zero_shot_classifier(model, tokenizer, test.classes, TEMPLATES)
+    acc = zero_shot_accuracy(model, classifier, test.images[:100], test.labels[:100],
+                             transform=lambda b: preprocess.normalize(b.permute(0, 2, 3, 1).numpy()))
+    assert acc == pytest.approx(rows[0]["test_top1"])
+
+
+def test_interrupted_train_clip_resumes_to_the_same_weights(cifar_dir, tmp_path, monkeypatch, capsys):
+    """Killed a few steps into epoch 2, `train-clip --resume` ends with the uninterrupted run's weights."""
+    from vitlab.train.loop import Trainer
+    from vitlab.weights import load_state_dict
+
+    args = ["train-clip", "--batch-size", "32", "--time-budget", "0", "--epochs", "3", "--ema", "0.9",
+            "--width", "32", "--depth", "1", "--text-width", "32", "--text-depth", "1", "--data", str(cifar_dir),
+            "--train-subset", "128", "--test-subset", "50", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    real_step = Trainer.train_step
+
+    def step(self, batch):
+        if self.step == self.steps_per_epoch + 2:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    assert main(["train-clip", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    capsys.readouterr()
+    for name in ("model", "ema"):
+        a, b = (load_state_dict(next((tmp_path / run / "checkpoint").glob("step-*")) / f"{name}.safetensors")
+                for run in ("full", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (load_state_dict(tmp_path / run / "model.safetensors") for run in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, cut = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                 for run in ("full", "cut"))
+    assert [r["epoch"] for r in cut] == [1, 2, 3] and [r["test_loss"] for r in cut] == [r["test_loss"] for r in full]
+    # the other command's --resume is refused in one line
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 2
+    assert "resume it with the command that started it" in capsys.readouterr().err
+
+
+def test_train_clip_bad_options_are_one_line(tmp_path, capsys):
+    assert main(["train-clip", "--batch-size", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert main(["train-clip", "--resume", str(tmp_path / "r"), "--lr", "1e-3"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert main(["train-clip", "--precision", "bf16-pure", "--out", str(tmp_path / "y")]) == 2
+    assert "fp32, bf16 or auto" in capsys.readouterr().err

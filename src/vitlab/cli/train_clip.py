@@ -1,40 +1,78 @@
-"""`vitlab train-clip --loss siglip|clip`: a small CLIP/SigLIP from scratch on CIFAR-10 captions, then zero-shot."""
+"""`vitlab train-clip --loss siglip|clip`: a small CLIP/SigLIP from scratch on CIFAR-10 captions, then zero-shot.
+
+Image and text towers are trained from scratch on CIFAR-10 images captioned from templates ('a photo of a
+{class}.'); zero-shot test accuracy is evaluated after every epoch and printed at the end. The run goes
+through the same loop as `vitlab train`, with the same option names: by default a 5-minute --time-budget
+(evaluation and saving included; --time-budget 0 --epochs N for a fixed length), --resume RUN_DIR to continue
+an interrupted run exactly, metrics.jsonl / steps.jsonl / curves.png / checkpoint/ in the run dir. The run
+dir is also a model dir `vitlab zeroshot RUN_DIR` reads.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from vitlab.cli.train import (
+    RUN_OVERRIDES,
+    add_overrides,
+    add_run_arguments,
+    chosen,
+    default_out,
+    refuse_overrides_on_resume,
+)
+
+# CLI flag -> ClipTrainConfig field: the shared run options (as `vitlab train`) and the towers.
+OVERRIDES = {
+    **RUN_OVERRIDES, "width": int, "depth": int, "heads": int, "patch_size": int, "text_width": int,
+    "text_depth": int, "log_every": int,
+}
+HELP = {
+    "time_budget": "minutes from the start of the command to its end, evaluation and saving included "
+                   "(default 5; 0: run --epochs)",
+    "batch_size": "images (and captions) per step (default 256)",
+    "lr": "peak AdamW learning rate (default 2e-3)",
+    "precision": "fp32 (default) | bf16 (autocast) | auto",
+    "test_subset": "zero-shot test on the first N test images (default all)",
+    "width": "vision width = embedding size (default 96)",
+    "depth": "vision blocks (default 4)",
+    "heads": "attention heads of both towers (default 4)",
+    "patch_size": "vision patch size (default 4)",
+    "text_width": "text tower width (default 64)",
+    "text_depth": "text blocks (default 2)",
+    "log_every": "steps between points of steps.jsonl, the loss curve (default 10)",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-clip", help="train a small CLIP/SigLIP on CIFAR-10 captions and test it zero-shot",
-                       description="Train image and text towers from scratch on CIFAR-10 images captioned from "
-                                   "templates ('a photo of a {class}.'), then report zero-shot test accuracy.")
-    p.add_argument("--loss", choices=("siglip", "clip"), default="siglip", help="sigmoid (SigLIP) or softmax (CLIP)")
-    p.add_argument("--batch-size", type=int, default=256, help="images (and captions) per step (default 256)")
-    p.add_argument("--time-budget", type=float, default=5.0, metavar="MIN",
-                   help="training time in minutes (default 5)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps even if time is left")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
-    p.add_argument("--data", help="CIFAR-10 directory or archive (default: $VITLAB_DATA, else the cache dir)")
-    p.add_argument("--out", help="directory to save the model in (usable by `vitlab zeroshot`)")
-    p.add_argument("--train-limit", type=int, help="use only the first N training images")
-    p.add_argument("--eval-limit", type=int, help="zero-shot test on the first N test images (default all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
-    p.add_argument("--seed", type=int, default=0)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", choices=("siglip", "clip"), default=None,
+                   help="sigmoid (SigLIP, default) or softmax (CLIP)")
+    add_run_arguments(p)
+    # --train-limit / --eval-limit: the names before train-clip shared `vitlab train`'s
+    add_overrides(p, OVERRIDES, help=HELP, aliases={"train_subset": "--train-limit", "test_subset": "--eval-limit"})
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.clip.train import LOG_NAME, ClipTrainConfig, train_clip
+    from vitlab.clip.train import ClipTrainConfig, resume_clip, train_clip
+    from vitlab.train.budget import process_start
 
-    cfg = ClipTrainConfig(loss=args.loss, batch_size=args.batch_size, time_budget_min=args.time_budget,
-                          max_steps=args.max_steps, lr=args.lr, train_limit=args.train_limit,
-                          eval_limit=args.eval_limit, device=args.device, seed=args.seed)
-    result = train_clip(cfg, data=args.data, out=args.out)
-    print(f"{args.loss}: {result['steps']} steps, {result['images_seen']} images in {result['train_seconds']:.1f} s "
+    progress = not args.no_progress
+    overrides = chosen(args, (*OVERRIDES, "loss"))
+    if args.resume is not None:
+        refuse_overrides_on_resume(args, overrides)
+        result = resume_clip(args.resume, data=args.data, device=args.device, progress=progress,
+                             started_at=process_start())
+    else:
+        config = ClipTrainConfig(**overrides)
+        result = train_clip(config, out=args.out or default_out(f"train-clip-{config.loss}"), data=args.data,
+                            device=args.device, progress=progress, download=args.download,
+                            started_at=process_start())
+    loss = result["config"]["loss"]
+    print(f"{loss}: {result['steps']} steps, {result['images_seen']} images in {result['train_seconds']:.1f} s "
           f"({result['images_per_second']:.0f} img/s), final loss {result['final_loss']}")
-    print(f"zero-shot accuracy on {result['eval_images']} CIFAR-10 test images: "
+    print(f"zero-shot accuracy on {result['eval_images']} {result['dataset']} test images: "
           f"{100 * result['zero_shot_accuracy']:.2f}%")
-    if args.out:
-        print(f"saved to {args.out} (log: {args.out}/{LOG_NAME})")
+    print(f"run: {result['run_dir']} (a model dir for `vitlab zeroshot`)")
     return 0

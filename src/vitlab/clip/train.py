@@ -4,45 +4,52 @@ Every training image gets a caption made from a random template and its class na
 cat."), tokenized by the byte-level tokenizer. The loss is CLIP's softmax or SigLIP's sigmoid; both towers
 and everything else are the same, so runs differ only by the loss. Zero-shot accuracy on the test split uses
 the class names and the template ensemble, never the labels during training of a classifier.
+
+It runs in the shared loop (`vitlab.train.loop.Trainer`) as a `ClipTask`: resume, the time budget,
+metrics.jsonl, checkpoints, EMA and progress are those of `vitlab train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from vitlab.clip.config import CLIPConfig, TextConfig
 from vitlab.clip.model import CLIPModel, create_clip
 from vitlab.clip.tokenizer import ByteTokenizer
-from vitlab.clip.zeroshot import TEMPLATES, fill_template, zero_shot_accuracy, zero_shot_classifier
-from vitlab.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, normalize, random_crop_flip
+from vitlab.clip.zeroshot import TEMPLATES, fill_template, zero_shot_classifier
+from vitlab.data import AugmentConfig, BatchAugment
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig
 from vitlab.preprocess import ImagePreprocess
-from vitlab.train.optim import WarmupCosine, create_optimizer
+from vitlab.speed import resolve_precision
+from vitlab.train.evaluate import evaluate
+from vitlab.train.loop import Trainer, TrainResult, check_new_run_dir, read_run
+from vitlab.train.recipes import RunConfig
 from vitlab.train.runtime import resolve_device
-from vitlab.weights import write_json
+from vitlab.train.splits import load_splits
+from vitlab.train.task import Batch, Task
 
 LOSSES = ("siglip", "clip")
-LOG_NAME = "train_log.json"
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+# Random crop (pad 4) + flip; no label smoothing or mixing: the targets are captions, not one-hot labels.
+CLIP_AUGMENT = AugmentConfig(policy="none", mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
 
 
-@dataclass
-class ClipTrainConfig:
-    """What `vitlab train-clip` runs. The default towers are small enough for a CPU (about 0.5 M parameters)."""
+@dataclass(frozen=True)
+class ClipTrainConfig(RunConfig):
+    """What `vitlab train-clip` runs: the shared run fields (the flags of `vitlab train`), the loss and the
+    towers. The default towers are small enough for a CPU (about 0.5 M parameters); the default run is a
+    5-minute time budget (evaluations and saving included)."""
 
     loss: str = "siglip"  # siglip | clip
-    batch_size: int = 256
-    time_budget_min: float | None = 5.0  # stop after this much training time (None: only max_steps)
-    max_steps: int | None = None  # stop after this many steps, whichever comes first
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
     width: int = 96  # vision width = embedding size
     depth: int = 4
     heads: int = 4
@@ -50,28 +57,32 @@ class ClipTrainConfig:
     text_width: int = 64
     text_depth: int = 2
     context_length: int = 48  # the longest caption, "a black and white photo of a automobile.", is 43 tokens
-    templates: tuple[str, ...] = field(default=TEMPLATES)
-    train_limit: int | None = None  # use only the first N training images (tests, quick looks)
-    eval_limit: int | None = None  # zero-shot accuracy on the first N test images (None: all 10,000)
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 5  # steps between loss-curve points
+    templates: tuple[str, ...] = TEMPLATES
+    # shared fields with this run's defaults
+    augment: AugmentConfig = field(default_factory=lambda: CLIP_AUGMENT)
+    time_budget: float = 5.0
+    lr: float = 2e-3
+    warmup_epochs: float = 0.1  # ~20 steps of 256 on CIFAR-10
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    eval_batch_size: int = 500
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise VitlabError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if self.batch_size < 2:
             raise VitlabError("--batch-size must be at least 2 (contrastive losses need negatives)")
-        if self.time_budget_min is None and self.max_steps is None:
-            raise VitlabError("give a time budget or a step limit")
-        if self.time_budget_min is not None and self.time_budget_min <= 0:
-            raise VitlabError("--time-budget must be positive (minutes)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise VitlabError("--max-steps must be positive")
-        self.templates = tuple(self.templates)
+        if self.precision not in ("auto", *ClipTask.precisions):
+            raise VitlabError(f"train-clip runs in precision fp32, bf16 or auto, not {self.precision!r}")
+        if not self.templates:
+            raise VitlabError("no caption templates given")
+        for t in self.templates:
+            fill_template(t, "x")  # each must have a place for the class name
 
-    def model_config(self) -> CLIPConfig:
-        vision = ViTConfig(image_size=32, patch_size=self.patch_size, num_classes=0, width=self.width,
+    def model_config(self, image_size: int = 32) -> CLIPConfig:
+        vision = ViTConfig(image_size=image_size, patch_size=self.patch_size, num_classes=0, width=self.width,
                            depth=self.depth, heads=self.heads, mlp_dim=4 * self.width, class_token=False,
                            pooling="gap", norm_eps=1e-6)
         clip = self.loss == "clip"  # CLIP: causal text, pooled at EOS; SigLIP: bidirectional, last token
@@ -87,84 +98,161 @@ def caption_tokens(tokenizer: ByteTokenizer, classes: list[str], templates: tupl
     return tokenizer(texts).view(len(templates), len(classes), -1)
 
 
-def train_clip(cfg: ClipTrainConfig, *, data: str | Path | None = None, out: str | Path | None = None,
-               progress: bool = True) -> dict:
-    """Train, evaluate zero-shot, optionally save to `out`; returns the run summary (also in out/train_log.json)."""
-    device = resolve_device(cfg.device)
-    train = load_cifar10(data, "train")
-    test = load_cifar10(data, "test")
-    images, labels = train.images, train.labels
-    if cfg.train_limit is not None:
-        images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
-    if images.shape[0] < cfg.batch_size:
-        raise VitlabError(f"batch size {cfg.batch_size} is larger than the {images.shape[0]} training images")
-    tokenizer = ByteTokenizer(context_length=cfg.context_length)
-    captions = caption_tokens(tokenizer, train.classes, cfg.templates).to(device)  # (T, C, L)
+class ImageTextEncoder(nn.Module):
+    """(images (B, 3, H, W), token ids (B, L)) -> image and text embeddings stacked (2, B, E): the forward one
+    training step runs (`vitlab.speed.TrainStep` passes one input and takes one output tensor)."""
 
-    model = create_clip(cfg.model_config(), seed=cfg.seed).to(device)
-    optimizer = create_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
+    def __init__(self, clip: CLIPModel) -> None:
+        super().__init__()
+        self.clip = clip
 
-    curve, step, seen, train_s = [], 0, 0, 0.0
-    order, cursor = torch.randperm(images.shape[0], generator=gen), 0
-    bar = tqdm(total=round(budget_s) if budget_s else cfg.max_steps, desc=f"train-clip {cfg.loss}",
-               disable=not progress, dynamic_ncols=True,  # counts seconds of the budget, or steps
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + ("s" if budget_s else "steps")
-                          + " [{elapsed}<{remaining}{postfix}]")
-    model.train()
-    while (cfg.max_steps is None or step < cfg.max_steps) and (budget_s is None or train_s < budget_s):
-        t0 = time.perf_counter()
-        if cursor + cfg.batch_size > order.numel():  # new epoch: reshuffle, drop the ragged end
-            order, cursor = torch.randperm(images.shape[0], generator=gen), 0
-        idx = order[cursor:cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        x = random_crop_flip(images[idx], padding=4, flip=True, generator=gen)
-        x = normalize(x, CIFAR10_MEAN, CIFAR10_STD).to(device)  # (B, 3, 32, 32)
-        template = torch.randint(len(cfg.templates), (idx.numel(),), generator=gen).to(device)
-        ids = captions[template, labels[idx].to(device)]  # (B, L): a random caption of each image's class
-
-        # time-based schedule: the cosine ends when the budget (or the step limit) is used up
-        total = cfg.max_steps or 10**9
-        if budget_s is not None and step > 0:
-            total = min(total, step + int((budget_s - train_s) / (train_s / step)))
-        WarmupCosine(cfg.lr, total_steps=max(total, step + 1), warmup_steps=cfg.warmup_steps).apply(optimizer, step)
-        loss = model.loss(model.encode_image(x), model.encode_text(ids))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        step, seen = step + 1, seen + idx.numel()
-        dt = time.perf_counter() - t0
-        train_s += dt
-        point = {"step": step, "seconds": round(train_s, 3), "images": seen, "loss": round(loss.item(), 5)}
-        if step % cfg.log_every == 0 or step == 1:
-            curve.append(point)
-        bar.set_postfix(loss=f"{point['loss']:.4f}", img_s=f"{idx.numel() / dt:.0f}")
-        bar.update(round(train_s) - bar.n if budget_s else 1)
-    bar.close()
-    if step and curve[-1]["step"] != step:
-        curve.append(point)  # the curve always ends at the last step
-
-    model.eval()
-    eval_images, eval_labels = test.images, test.labels
-    if cfg.eval_limit is not None:
-        eval_images, eval_labels = eval_images[:cfg.eval_limit], eval_labels[:cfg.eval_limit]
-    classifier = zero_shot_classifier(model, tokenizer, test.classes, cfg.templates)
-    accuracy = zero_shot_accuracy(model, classifier, eval_images, eval_labels,
-                                  transform=lambda b: normalize(b, CIFAR10_MEAN, CIFAR10_STD))
-    summary = {"config": dataclasses.asdict(cfg), "steps": step, "images_seen": seen,
-               "train_seconds": round(train_s, 2), "images_per_second": round(seen / max(train_s, 1e-9), 1),
-               "final_loss": curve[-1]["loss"] if curve else None, "zero_shot_accuracy": accuracy,
-               "eval_images": int(eval_images.shape[0]), "parameters": model.num_params(), "loss_curve": curve}
-    if out is not None:
-        save_run(model, tokenizer, out)
-        write_json(Path(out) / LOG_NAME, summary)
-    return summary
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, ids = inputs
+        return torch.stack([self.clip.encode_image(images), self.clip.encode_text(ids)])
 
 
-def save_run(model: CLIPModel, tokenizer: ByteTokenizer, out: str | Path) -> Path:
-    """A directory `vitlab zeroshot` can use: weights, config, tokenizer and CIFAR preprocessing."""
+class ZeroShotHead(nn.Module):
+    """A CLIP model as a classifier over fixed class embeddings (C, E): images -> (B, C) logits."""
+
+    def __init__(self, clip: CLIPModel, classifier: torch.Tensor) -> None:
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("classifier", classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.logits(self.clip.encode_image(x), self.classifier)
+
+
+class ClipTask(Task):
+    """Images of `config.dataset` in memory with a random template caption of their class per step; the
+    model's own loss (softmax CLIP or sigmoid SigLIP); zero-shot top-1/top-5/cross-entropy on test."""
+
+    kind = "clip"
+    command = "vitlab train-clip"
+    precisions = ("fp32", "bf16")  # the (images, ids) input has no single dtype for bf16-pure's cast
+
+    def __init__(self, config: ClipTrainConfig, *, device: torch.device, data: str | Path | None = None,
+                 download: bool = False) -> None:
+        super().__init__(config, device=device)
+        self.splits = load_splits(config, data, download=download)
+        tr = self.splits.train
+        self.images = tr.images.to(device)  # (N, 3, H, W) uint8
+        self.labels = tr.labels.to(device)
+        aug = dataclasses.replace(config.augment, mean=self.splits.mean, std=self.splits.std)
+        self.augment = BatchAugment(aug, num_classes=tr.num_classes)
+        self.tokenizer = ByteTokenizer(context_length=config.context_length)
+        self.captions = caption_tokens(self.tokenizer, tr.classes, config.templates).to(device)  # (T, C, L)
+        self.generators = {"augment": torch.Generator(device=device).manual_seed(config.seed + 1)}
+        self.model: CLIPModel | None = None  # set by build_model: the loss needs its temperature (and bias)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.splits.train)
+
+    @property
+    def eval_size(self) -> int:
+        return len(self.splits.test)
+
+    def resolve_precision(self, precision: str) -> str:
+        if precision == "auto":  # where bf16-pure would be chosen, bf16 autocast is this task's fast choice
+            precision = {"bf16-pure": "bf16"}.get(resolve_precision("auto", device=self.device), "fp32")
+        return super().resolve_precision(precision)
+
+    def build_model(self) -> CLIPModel:
+        self.model = create_clip(self.config.model_config(self.splits.train.image_size), seed=self.config.seed)
+        return self.model
+
+    def train_module(self, model: CLIPModel) -> nn.Module:
+        return ImageTextEncoder(model)
+
+    def describe(self, model: CLIPModel) -> str:
+        v, t = model.cfg.vision, model.cfg.text
+        return (f"{model.kind} vision {v.width}w {v.depth}d /{v.patch_size}, text {t.width}w {t.depth}d "
+                f"({model.num_params() / 1e6:.2f}M params)")
+
+    def batch(self, index: torch.Tensor, step: int) -> Batch:
+        y = self.labels[index]
+        g = self.generators["augment"]
+        x, _ = self.augment(self.images[index], y, g)  # (B, 3, H, W) normalised
+        template = torch.randint(self.captions.shape[0], (len(index),), generator=g, device=self.device)
+        ids = self.captions[template, y]  # (B, L): a random caption of each image's class
+        return Batch((x, ids), None, None, len(index))
+
+    def loss(self, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
+        image_embeds, text_embeds = embeds.float()  # (2, B, E) -> (B, E), (B, E)
+        return self.model.loss(image_embeds, text_embeds)
+
+    @torch.no_grad()
+    def evaluate(self, model: CLIPModel, *, precision: str, progress: bool = False, limit: int | None = None) -> dict:
+        """Zero-shot on test with the template ensemble: top-1, top-5 and cross-entropy over the class logits."""
+        model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module's encoders
+        was_training = model.training
+        model.eval()
+        classifier = zero_shot_classifier(model, self.tokenizer, self.splits.classes, self.config.templates)
+        model.train(was_training)
+        test = self.splits.test
+        res = evaluate(ZeroShotHead(model, classifier), test.images[:limit], test.labels[:limit],
+                       mean=self.splits.mean, std=self.splits.std, num_classes=test.num_classes,
+                       batch_size=self.config.eval_batch_size, device=self.device, precision=precision,
+                       progress=progress, desc="zero-shot")
+        return res.summary("test_")
+
+    def save(self, model: CLIPModel, run_dir: Path) -> None:
+        save_run(model, self.tokenizer, run_dir, mean=self.splits.mean, std=self.splits.std)
+
+    def record(self, model: CLIPModel) -> dict:
+        return {"data": self.splits.info(self.config.dataset),
+                "model": {"params": model.num_params(), "config": model.cfg.to_dict()}}
+
+
+def save_run(model: CLIPModel, tokenizer: ByteTokenizer, out: str | Path, *, mean: tuple[float, ...],
+             std: tuple[float, ...]) -> Path:
+    """A directory `vitlab zeroshot` can use: weights, config, tokenizer and the training normalisation."""
     size = model.cfg.vision.image_size
-    preprocess = ImagePreprocess(size=size, resize="square", crop_size=None, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    preprocess = ImagePreprocess(size=size, resize="square", crop_size=None, mean=mean, std=std)
     return model.save_pretrained(out, tokenizer=tokenizer, preprocess=preprocess)
+
+
+def train_clip(config: ClipTrainConfig, *, out: str | Path | None = None, data: str | Path | None = None,
+               device: str = "auto", progress: bool = True, download: bool = False,
+               log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> dict:
+    """Train into the run dir `out` (a temporary one, deleted afterwards, when None); returns `summary`."""
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="vitlab-train-clip-") as tmp:
+            return train_clip(config, out=Path(tmp) / "run", data=data, device=device, progress=progress,
+                              download=download, log=log, started_at=started_at)
+    run_dir = check_new_run_dir(out)
+    task = ClipTask(config, device=resolve_device(device), data=data, download=download)
+    record = {"task": task.kind, "config": config.to_dict()}
+    result = Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at).run()
+    return summary(result, task)
+
+
+def resume_clip(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto", progress: bool = True,
+                log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> dict:
+    """Continue an interrupted `train-clip` run from its last checkpoint, exactly as if it had never stopped."""
+    run_dir, record, config = read_run(run_dir, ClipTrainConfig, ClipTask)
+    task = ClipTask(config, device=resolve_device(device),
+                    data=data if data is not None else record.get("data", {}).get("root"))
+    result = Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True,
+                     started_at=started_at).run()
+    return summary(result, task)
+
+
+def summary(result: TrainResult, task: ClipTask) -> dict:
+    """The run in one dict: steps, images, speed, final loss, zero-shot accuracy and the loss curve."""
+    final, config = result.final, task.config
+    if not final:
+        raise VitlabError(f"{result.run_dir}: no epoch was completed")
+    steps, train_s, prev = final["step"], 0.0, 0
+    for row in result.metrics:  # training time alone: each epoch's images over its speed
+        train_s += (row["step"] - prev) * config.batch_size / max(row["images_per_sec"], 1e-9)
+        prev = row["step"]
+    curve = [{"step": r["step"], "seconds": r["elapsed_s"], "loss": r["loss"]} for r in result.steps]
+    return {"config": config.to_dict(), "run_dir": str(result.run_dir), "steps": steps,
+            "images_seen": steps * config.batch_size, "train_seconds": round(train_s, 2),
+            "images_per_second": round(steps * config.batch_size / max(train_s, 1e-9), 1),
+            "elapsed_seconds": final["elapsed_s"], "final_loss": curve[-1]["loss"] if curve else None,
+            "zero_shot_accuracy": final["test_top1"], "zero_shot_top5": final["test_top5"],
+            "eval_images": len(task.splits.test), "dataset": DATASET_NAMES.get(config.dataset, config.dataset),
+            "parameters": task.model.num_params(), "loss_curve": curve}
