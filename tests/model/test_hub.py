@@ -50,3 +50,14 @@ def test_seeded_creation_is_reproducible_and_leaves_the_global_rng_alone():
     with seeded(None):  # no seed: draws from the global RNG as usual
         torch.rand(1)
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_bad_field_in_config_json_names_the_file(tmp_path):
+    import json
+
+    create_model("tutorial", seed=0).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["width"] = "48"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VitlabError, match=r"config\.json.*width"):
+        VisionTransformer.from_pretrained(tmp_path)

@@ -145,6 +145,8 @@ class ViTConfig:
         for k in ("dropout", "attn_dropout", "head_dropout", "drop_path"):
             need(0.0 <= getattr(self, k) < 1.0, f"{k} must be in [0, 1), got {getattr(self, k)}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        need(self.pos_embed != "sincos2d" or self.width % 4 == 0,
+             f"pos_embed 'sincos2d' needs a width divisible by 4, got {self.width}")
         need(self.stem in STEMS, f"stem {self.stem!r} unknown; choose one of {STEMS}")
         if self.stem == "conv":
             need(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,

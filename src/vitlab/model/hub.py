@@ -68,7 +68,10 @@ class PretrainedMixin:
     def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu"):
         directory = Path(directory)
         d = cls.read_config(directory)
-        cfg = cls.config_class.from_dict({k: v for k, v in d.items() if k not in METADATA_KEYS + cls.extra_keys})
+        try:
+            cfg = cls.config_class.from_dict({k: v for k, v in d.items() if k not in METADATA_KEYS + cls.extra_keys})
+        except VitlabError as e:
+            raise VitlabError(f"{directory / CONFIG_NAME}: {e}") from None
         model = cls.build(cfg)
         load_into(model, load_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
         return model.to(map_location).eval()

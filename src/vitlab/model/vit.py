@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig, parse_variant
+from vitlab.model.flops import check_model_size
 from vitlab.model.hub import PretrainedMixin, seeded
 from vitlab.model.posemb import resample_grid, sincos_2d
 from vitlab.weights import CONFIG_NAME, read_json
@@ -226,6 +227,7 @@ class VisionTransformer(PretrainedMixin, nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         cfg.validate()
+        check_model_size(cfg)  # a width of 10^9 fails here in microseconds, not after allocating for a minute
         self.cfg = cfg
         D = cfg.width
         self.num_prefix_tokens = cfg.num_prefix_tokens
