@@ -82,7 +82,7 @@ def benchmark(recipe: str, *, data: str | None, device: str, runs_dir: Path, ove
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipes", nargs="*", default=["seed", "fast", "cpu-hour"], help=f"from {', '.join(RECIPES)}")
+    ap.add_argument("recipes", nargs="*", default=["tutorial", "fast", "cpu-hour"], help=f"from {', '.join(RECIPES)}")
     ap.add_argument("--data", help="CIFAR-10 directory (default: $VITLAB_DATA, else the cache)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -24,7 +24,7 @@ HERE = Path(__file__).parent
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="seed")
+    p.add_argument("--recipe", default="tutorial")
     p.add_argument("--epochs", type=float, default=5)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "bf16-pure"])
     p.add_argument("--data", default=None)

@@ -52,11 +52,11 @@ def test_timm_bare_safetensors_with_variant(tmp_path):
     from vitlab.convert import timm_kwargs
     from vitlab.model import parse_variant
 
-    cfg = parse_variant("seed", reg_tokens=2, pos_embed_prefix=False)
+    cfg = parse_variant("tutorial", reg_tokens=2, pos_embed_prefix=False)
     tm = _noisy(TimmViT(**timm_kwargs(cfg)))
     save_file(tm.state_dict(), tmp_path / "seed.safetensors")
     argv = ["convert", "--from", "timm", str(tmp_path / "seed.safetensors"), str(tmp_path / "out"),
-            "--variant", "seed", "--image-size", "32", "--num-classes", "10"]
+            "--variant", "tutorial", "--image-size", "32", "--num-classes", "10"]
     assert main(argv) == 0
     assert _check_same(tmp_path / "out", tm).cfg == cfg
 
@@ -96,7 +96,7 @@ def _pickle_file(tmp_path):
     (lambda p: _pickle_file(p) / "pytorch_model.bin", [], "timm", "only .safetensors"),
     (_pickle_file, [], "hf", "only pickled checkpoints"),
     (_hf_dir, [], "timm", "--variant"),  # an HF config names no timm architecture
-    (_hf_dir, ["--variant", "seed"], "timm", "missing keys"),  # HF keys are not timm keys
+    (_hf_dir, ["--variant", "tutorial"], "timm", "missing keys"),  # HF keys are not timm keys
     (_hf_dir, ["--image-size", "64"], "hf", "--image-size describes timm"),
     (_hf_dir, ["SAME"], "hf", "is the source directory"),  # would overwrite the source config.json
 ])

@@ -27,7 +27,7 @@ def matplotlib():
 
 
 def make_run(path, *, confusion=False, **overrides):
-    model = create_model("seed", seed=0, **{**TINY, **overrides})
+    model = create_model("tutorial", seed=0, **{**TINY, **overrides})
     model.save_pretrained(path, class_names=CLASSES)
     with open(path / "metrics.jsonl", "w") as f:
         for e in range(1, 4):
@@ -107,7 +107,7 @@ def test_explain_clip_image_tower(matplotlib, tmp_path, capsys, tiny_cifar):
     from vitlab.model import parse_variant
     from vitlab.preprocess import siglip_preprocess
 
-    vision = parse_variant("seed", **{**TINY, "num_classes": 0}, pooling="map", class_token=False)
+    vision = parse_variant("tutorial", **{**TINY, "num_classes": 0}, pooling="map", class_token=False)
     text = TextConfig(context_length=8, width=16, depth=1, heads=2, mlp_dim=32, causal=False, pooling="last")
     model = create_clip(CLIPConfig(vision=vision, text=text, kind="siglip", embed_dim=16), seed=0)
     model.save_pretrained(tmp_path / "siglip", tokenizer=ByteTokenizer(context_length=8),

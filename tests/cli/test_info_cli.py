@@ -15,7 +15,7 @@ def test_info_json_reports_timm_equal_params(capsys):
 def test_info_reads_saved_dir(tmp_path, capsys):
     from vitlab import create_model
 
-    create_model("seed").save_pretrained(tmp_path)
+    create_model("tutorial").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "119,194" in out and "65 (class 1, registers 0)" in out
@@ -24,7 +24,7 @@ def test_info_reads_saved_dir(tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["info", "Q/7"], "unknown model variant"),
     (["info", "Ti/5", "--image-size", "32"], "not divisible"),
-    (["info", "seed", "--batch-size", "0"], "batch-size"),
+    (["info", "tutorial", "--batch-size", "0"], "batch-size"),
 ])
 def test_info_bad_input_one_line_exit_2(argv, words, capsys):
     assert main(argv) == 2

@@ -15,7 +15,7 @@ from vitlab.cli import main
 from vitlab.model import VisionTransformer
 from vitlab.train import loop
 
-TINY = ["--recipe", "seed", "--epochs", "1", "--train-subset", "256", "--test-subset", "200", "--batch-size",
+TINY = ["--recipe", "tutorial", "--epochs", "1", "--train-subset", "256", "--test-subset", "200", "--batch-size",
         "64", "--model-arg", "width=16", "--model-arg", "depth=1", "--model-arg", "heads=2", "--model-arg",
         "mlp_dim=32", "--precision", "fp32", "--no-progress"]
 
@@ -48,7 +48,7 @@ def test_train_writes_a_complete_run_dir(run_dir):
                  "metrics.jsonl", "metrics.csv", "curves.png", "checkpoint/latest.json"):
         assert (run_dir / name).is_file(), name
     record = json.loads((run_dir / "train_config.json").read_text())
-    assert record["recipe"] == "seed" and record["overrides"]["epochs"] == 1.0
+    assert record["recipe"] == "tutorial" and record["overrides"]["epochs"] == 1.0
     assert record["model"]["config"]["width"] == 16
     assert VisionTransformer.from_pretrained(run_dir).cfg.depth == 1
 

@@ -18,7 +18,7 @@ from vitlab.cli import main
 from vitlab.data import cifar
 from vitlab.model import VisionTransformer
 
-TINY = ["--recipe", "seed", "--epochs", "1", "--batch-size", "16", "--model-arg", "width=16", "--model-arg",
+TINY = ["--recipe", "tutorial", "--epochs", "1", "--batch-size", "16", "--model-arg", "width=16", "--model-arg",
         "depth=1", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32", "--precision", "fp32", "--no-progress"]
 
 

@@ -104,7 +104,7 @@ def test_save_load_round_trip(kind, tmp_path):
 def test_load_rejects_a_vit_dir(tmp_path):
     from vitlab.model import create_model
 
-    create_model("seed").save_pretrained(tmp_path)
+    create_model("tutorial").save_pretrained(tmp_path)
     with pytest.raises(VitlabError, match="model_type"):
         load_model_dir(tmp_path)
 

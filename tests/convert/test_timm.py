@@ -165,9 +165,9 @@ def test_config_inferred_from_checkpoint_keys(overrides, perturb):
                                            "patch_size": 4, "num_classes": 10}), **overrides)
     tm = perturb(TimmViT(**timm_kwargs(cfg)))
     state = tm.state_dict()
-    inferred = timm_config_from_state_dict(state, variant="seed")  # image size from the pos_embed length
+    inferred = timm_config_from_state_dict(state, variant="tutorial")  # image size from the pos_embed length
     assert dataclasses.replace(inferred, name="") == cfg
-    assert timm_config_from_state_dict(state, variant="seed", image_size=32) == inferred
+    assert timm_config_from_state_dict(state, variant="tutorial", image_size=32) == inferred
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         close(from_timm_state_dict(state, inferred)(x), tm(x))
@@ -176,10 +176,10 @@ def test_config_inferred_from_checkpoint_keys(overrides, perturb):
 def test_global_pool_hint_decides_what_keys_cannot():
     cfg = ViTConfig(**TINY, pooling="gap", fc_norm=False)  # keys look exactly like cls pooling
     state = TimmViT(**timm_kwargs(cfg)).state_dict()
-    guessed = timm_config_from_state_dict(state, variant="seed", patch_size=8, width=32, depth=2, heads=2,
+    guessed = timm_config_from_state_dict(state, variant="tutorial", patch_size=8, width=32, depth=2, heads=2,
                                           mlp_dim=64)
     assert guessed.pooling == "cls"
-    told = timm_config_from_state_dict(state, variant="seed", global_pool="avg", patch_size=8, width=32,
+    told = timm_config_from_state_dict(state, variant="tutorial", global_pool="avg", patch_size=8, width=32,
                                        depth=2, heads=2, mlp_dim=64)
     assert told.pooling == "gap" and not told.use_fc_norm
 

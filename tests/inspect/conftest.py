@@ -11,6 +11,6 @@ def tiny():
     """Factory: tiny(pooling="gap", class_token=False, ...) -> a seeded, eval-mode VisionTransformer."""
 
     def make(**overrides):
-        return create_model("seed", seed=0, **{**TINY, **overrides}).eval()
+        return create_model("tutorial", seed=0, **{**TINY, **overrides}).eval()
 
     return make

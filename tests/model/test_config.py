@@ -16,7 +16,7 @@ def test_parse_variant_patch_and_overrides():
     cfg = parse_variant("Ti/4", image_size=32, num_classes=10)
     assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.patch_size) == (192, 12, 3, 768, 4)
     assert cfg.num_tokens == 65 and cfg.grid_size == 8
-    seed = parse_variant("seed")
+    seed = parse_variant("tutorial")
     assert (seed.width, seed.depth, seed.heads, seed.mlp_dim, seed.patch_size, seed.image_size) == \
         (48, 4, 4, 192, 4, 32)
 

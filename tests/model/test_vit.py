@@ -18,11 +18,11 @@ def timm_params(**kw) -> int:
 def test_param_counts_equal_timm():
     assert create_model("Ti/4", image_size=32, num_classes=10).num_params() == timm_params(
         img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=12, num_heads=3)
-    assert create_model("seed").num_params() == timm_params(
+    assert create_model("tutorial").num_params() == timm_params(
         img_size=32, patch_size=4, num_classes=10, embed_dim=48, depth=4, num_heads=4, mlp_ratio=4)
     # The stated counts, which the timm numbers above must also equal.
     assert create_model("Ti/4", image_size=32, num_classes=10).num_params() == 5_362_762
-    assert create_model("seed").num_params() == 119_194
+    assert create_model("tutorial").num_params() == 119_194
 
 
 @pytest.mark.parametrize("kw, timm_kw", [
@@ -32,7 +32,7 @@ def test_param_counts_equal_timm():
     (dict(pre_norm=True, pos_embed_prefix=False), dict(pre_norm=True, no_embed_class=True)),
 ])
 def test_param_counts_equal_timm_options(kw, timm_kw):
-    ours = create_model("seed", **kw).num_params()
+    ours = create_model("tutorial", **kw).num_params()
     assert ours == timm_params(img_size=32, patch_size=4, num_classes=10, embed_dim=48, depth=4, num_heads=4,
                                **timm_kw)
 
@@ -42,7 +42,7 @@ def _seed_input(b=2, size=32):
 
 
 def test_attention_maps_equal_plain_softmax_and_fused_path():
-    model = create_model("seed", seed=0, reg_tokens=2).eval()
+    model = create_model("tutorial", seed=0, reg_tokens=2).eval()
     x = _seed_input()
     captured = []
     hooks = [blk.attn.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
@@ -88,7 +88,7 @@ def test_other_input_size_resamples_positions_like_timm():
     ours = resample_grid(pos, (8, 8), (12, 10))
     ref = resample_abs_pos_embed(pos, new_size=[12, 10], old_size=[8, 8], num_prefix_tokens=0)
     torch.testing.assert_close(ours, ref)
-    model = create_model("seed", seed=0).eval()
+    model = create_model("tutorial", seed=0).eval()
     assert model(torch.randn(2, 3, 48, 40)).shape == (2, 10)
 
 
@@ -100,13 +100,13 @@ def test_sincos_2d_is_big_vision_formula():
         yy, xx = divmod(idx, w)
         ref = np.concatenate([np.sin(xx * omega), np.cos(xx * omega), np.sin(yy * omega), np.cos(yy * omega)])
         np.testing.assert_allclose(pe[idx], ref, atol=1e-6)
-    model = create_model("seed", pos_embed="sincos2d", class_token=False, pooling="gap")
+    model = create_model("tutorial", pos_embed="sincos2d", class_token=False, pooling="gap")
     assert "pos_embed" not in model.state_dict()  # fixed: rebuilt, not saved
     assert model(torch.randn(1, 3, 40, 40)).shape == (1, 10)
 
 
 def test_save_and_load_pretrained_exact(tmp_path):
-    model = create_model("seed", seed=3, reg_tokens=1, pooling="map", class_token=False, layerscale_init=0.1)
+    model = create_model("tutorial", seed=3, reg_tokens=1, pooling="map", class_token=False, layerscale_init=0.1)
     model.save_pretrained(tmp_path, class_names=[f"c{i}" for i in range(10)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     loaded = VisionTransformer.from_pretrained(tmp_path)
@@ -119,7 +119,7 @@ def test_save_and_load_pretrained_exact(tmp_path):
 
 
 def test_from_pretrained_refuses_mismatch_and_pickles(tmp_path):
-    create_model("seed").save_pretrained(tmp_path)
+    create_model("tutorial").save_pretrained(tmp_path)
     cfg = (tmp_path / "config.json").read_text().replace('"depth": 4', '"depth": 5')
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match=r"missing keys: blocks\.4\."):
@@ -130,7 +130,7 @@ def test_from_pretrained_refuses_mismatch_and_pickles(tmp_path):
 
 def test_grad_checkpointing_same_gradients():
     torch.manual_seed(0)
-    model = create_model("seed", seed=0).train()
+    model = create_model("tutorial", seed=0).train()
     x = _seed_input(4)
 
     def grads():
@@ -145,7 +145,7 @@ def test_grad_checkpointing_same_gradients():
 
 
 def test_drop_path_drops_whole_samples_in_training_only():
-    model = create_model("seed", drop_path=0.5, seed=0)
+    model = create_model("tutorial", drop_path=0.5, seed=0)
     blk = model.blocks[-1]
     assert blk.drop_path1.p == pytest.approx(0.5) and model.blocks[0].drop_path1.__class__.__name__ == "Identity"
     x = torch.ones(512, 3, 4)
@@ -156,7 +156,7 @@ def test_drop_path_drops_whole_samples_in_training_only():
 
 
 def test_no_weight_decay_names_exist():
-    model = create_model("seed", reg_tokens=2)
+    model = create_model("tutorial", reg_tokens=2)
     names = dict(model.named_parameters())
     assert {"pos_embed", "cls_token", "reg_token"} <= model.no_weight_decay()
     assert {"pos_embed", "cls_token", "reg_token"} <= set(names)

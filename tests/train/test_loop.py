@@ -22,7 +22,7 @@ TINY = dict(model_args={"width": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "dro
 
 
 def tiny_run(out, cifar_dir, **kw):
-    return train(resolve_recipe("seed", **{**TINY, **kw}), out=out, data=cifar_dir, progress=False, log=lambda s: None)
+    return train(resolve_recipe("tutorial", **{**TINY, **kw}), out=out, data=cifar_dir, progress=False, log=lambda s: None)
 
 
 def weights(run_dir):
@@ -38,7 +38,7 @@ def assert_same(a, b):
 
 def test_short_run_learns(tmp_path, cifar_dir):
     """The tutorial model on 4,000 real images for 3 epochs: loss falls, test accuracy well above chance."""
-    cfg = resolve_recipe("seed", train_subset=4000, test_subset=2000, epochs=3, batch_size=64, lr=3e-3,
+    cfg = resolve_recipe("tutorial", train_subset=4000, test_subset=2000, epochs=3, batch_size=64, lr=3e-3,
                          warmup_epochs=0.5, weight_decay=0.05)
     res = train(cfg, out=tmp_path / "run", data=cifar_dir, progress=False, log=lambda s: None)
     rows = res.metrics
@@ -130,7 +130,7 @@ def test_ema_is_what_the_run_dir_holds(tmp_path, cifar_dir):
 def test_without_matplotlib_there_is_no_png_and_one_note(tmp_path, cifar_dir, monkeypatch):
     monkeypatch.setattr(loop, "figures", lambda: None)
     lines = []
-    train(resolve_recipe("seed", **{**TINY, "epochs": 2}), out=tmp_path / "m", data=cifar_dir, progress=False,
+    train(resolve_recipe("tutorial", **{**TINY, "epochs": 2}), out=tmp_path / "m", data=cifar_dir, progress=False,
           log=lines.append)
     assert not (tmp_path / "m" / "curves.png").exists() and (tmp_path / "m" / "metrics.csv").exists()
     assert sum("matplotlib is not installed" in line for line in lines) == 1
@@ -139,7 +139,7 @@ def test_without_matplotlib_there_is_no_png_and_one_note(tmp_path, cifar_dir, mo
 @pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])
 def test_timing_leaves_no_trace(tmp_path, cifar_dir, precision):
     """--time-budget times real steps and a real save: weights, optimizer, RNGs, run dir come back as they were."""
-    cfg = resolve_recipe("seed", **{**TINY, "precision": precision})
+    cfg = resolve_recipe("tutorial", **{**TINY, "precision": precision})
     task = ClassifyTask(cfg, device=torch.device("cpu"), data=cifar_dir)
     trainer = Trainer(task, tmp_path, record={}, progress=False, log=lambda s: None)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -185,7 +185,7 @@ def budget_run(tmp_path, cifar_dir, monkeypatch, *, minutes, step_cost, eval_cos
     monkeypatch.setattr(ClassifyTask, "evaluate", evaluate)
     monkeypatch.setattr(Trainer, "save", save)
     monkeypatch.setattr(loop, "figures", lambda: None)  # no figures: real drawing time would only slow the test
-    cfg = resolve_recipe("seed", model_args={"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}, train_subset=2048,
+    cfg = resolve_recipe("tutorial", model_args={"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}, train_subset=2048,
                          test_subset=200, batch_size=32, eval_batch_size=50, epochs=1000, precision="fp32",
                          time_budget=minutes)
     clock.t += startup
@@ -202,7 +202,7 @@ def test_time_budget_ends_in_the_last_5_percent(tmp_path, cifar_dir, monkeypatch
     assert record["plan"]["step_s"] == pytest.approx(0.4) and record["plan"]["epoch_end_s"] > 2.0
     _, state = load_checkpoint(tmp_path / "b")
     assert state["finished"] and res.final["step"] == state["step"] == state["total_steps"]  # the cosine ran out
-    assert res.final["lr"] < 0.02 * resolve_recipe("seed").lr
+    assert res.final["lr"] < 0.02 * resolve_recipe("tutorial").lr
     assert len(res.metrics) == -(-state["step"] // 64)  # an evaluation per epoch, a partial last one included
 
 

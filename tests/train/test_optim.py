@@ -10,7 +10,7 @@ from vitlab.train.optim import WarmupCosine, create_optimizer, param_groups
 
 
 def small_vit(**kw):
-    return create_model("seed", seed=0, width=32, depth=2, heads=2, mlp_dim=64, **kw)
+    return create_model("tutorial", seed=0, width=32, depth=2, heads=2, mlp_dim=64, **kw)
 
 
 @pytest.mark.parametrize("kw", [{}, {"reg_tokens": 2, "pooling": "map", "layerscale_init": 1e-5}])

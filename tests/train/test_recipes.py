@@ -30,3 +30,10 @@ def test_recipe_builds_and_steps(name, tmp_path, tiny_cifar):
     init = build_model(cfg, image_size=32, num_classes=10)
     moved = [not torch.equal(p, q) for p, q in zip(model.state_dict().values(), init.state_dict().values())]
     assert sum(moved) > len(moved) // 2  # it trained: most tensors left their seeded init
+
+
+def test_recipes_name_their_models_and_the_old_seed_name_still_works():
+    assert {RECIPES[r].model for r in ("tutorial", "fast", "cpu-hour")} == {"tutorial", "cifar128", "cifar192"}
+    assert all(not RECIPES[r].model_args for r in ("tutorial", "fast", "cpu-hour"))  # the variant row is the model
+    with pytest.warns(FutureWarning, match="tutorial"):
+        assert resolve_recipe("seed", epochs=2) == resolve_recipe("tutorial", epochs=2)

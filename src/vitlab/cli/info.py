@@ -11,7 +11,7 @@ from vitlab.errors import VitlabError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameters, tokens, FLOPs per image, activation memory of a model",
-                       description="Describe a model variant (e.g. 'Ti/4', 'seed') or a saved model directory.")
+                       description="Describe a model variant (e.g. 'Ti/4', 'tutorial') or a saved model directory.")
     p.add_argument("model", help="variant string such as 'Ti/4' or 'B/16', or a directory from save_pretrained")
     p.add_argument("--image-size", type=int, help="input size (default: the variant's or the saved config's)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (0: features only)")

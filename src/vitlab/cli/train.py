@@ -1,6 +1,6 @@
 """`vitlab train [--recipe fast] [--data DIR] [--out runs/NAME] [overrides...]`: train a ViT, print test top-1.
 
-Recipes (one table in vitlab/train/recipes.py): seed (the tutorial model, ~64%), fast (default, ~15 min on
+Recipes (one table in vitlab/train/recipes.py): tutorial (the blog post's model, ~64%), fast (default, ~15 min on
 a 2-core CPU), cpu-hour (~60 min). Any field can be overridden: --epochs 5 --lr 1e-3 --model Ti/4 ...
 --time-budget MINUTES fits the number of steps and the schedule to the wall clock instead of --epochs: the
 command ends within that many minutes of its start, evaluation and saving included.

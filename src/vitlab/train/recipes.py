@@ -5,19 +5,16 @@ A recipe is a complete `TrainConfig`; the CLI (`--epochs --lr --model ...`) over
 `resolve_recipe(name, **overrides)`. The resolved config is saved as `train_config.json` in the run dir,
 which is all `--resume` needs to rebuild the run.
 
-Throughput on the 2-core CPU (Xeon with AMX, bf16-pure with the fused oneDNN linears, batch 256,
-32x32 /4 = 65 tokens, quiet machine; fp32 in brackets): the tutorial "seed" model (48/4/4) trains at
-~2,050 img/s [1,310], a 128/6 model at ~800 [410], 192/6 at ~520 [270], Ti/4 (192/12/3, timm's Ti) at
-~240 [71]. Accuracy per minute on such a CPU is won by small models that see many epochs, not by wide ones
-that see few, so the recipes below are narrow and shallow, sized so the epochs fit the time the recipe
-promises (measured, one epoch of 50,000 images with its augmentation + the 10,000-image evaluation and
-checkpoint: seed ~30 s, fast ~68 s, cpu-hour ~100 s).
-On a GPU or a bigger CPU they simply finish sooner; `--time-budget` instead fits the steps to the clock.
+Accuracy per minute on a CPU is won by small models that see many epochs, not by wide ones that see few,
+so the recipes below are narrow and shallow, sized so the epochs fit the time the recipe promises
+(throughput and time-to-accuracy per recipe: benchmarks/RESULTS.md). On a GPU or a bigger CPU they simply
+finish sooner; `--time-budget` instead fits the steps to the clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from vitlab.data import AugmentConfig
@@ -98,7 +95,7 @@ class TrainConfig(RunConfig):
     """A ViT classification run (`vitlab train`): the shared fields plus the model."""
 
     # ---- model: a variant from vitlab.model's table, optionally reshaped by model_args -----------------
-    model: str = "seed"
+    model: str = "tutorial"
     model_args: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"width": 96, "depth": 6}
     drop_path: float = 0.0  # stochastic depth of the last block (linear from 0)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
@@ -114,13 +111,13 @@ class TrainConfig(RunConfig):
 _LIGHT = AugmentConfig(policy="none", mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1)
 
 RECIPES: dict[str, TrainConfig] = {
-    # The tutorial: 48 wide, 4 deep, 4 heads, MLP 192, 4x4 patches (0.12M parameters). Adam at 1e-3, batch
-    # 256, flips only, no label smoothing, no weight decay: the setup reported at ~64% after 50-100 epochs
-    # at a constant rate. A one-epoch warmup + cosine to zero (same peak) converges in fewer epochs, so 30
-    # (benchmarks/cifar10_time_to_accuracy.py checks the 64%). ~15 minutes here; bf16 is faster even for this
-    # small model on an AMX CPU, and `auto` precision (bf16-pure there) uses it.
-    "seed": TrainConfig(
-        model="seed", epochs=30, batch_size=256, lr=1e-3, warmup_epochs=1, weight_decay=0.0, grad_clip=0.0,
+    # Tin Nguyen's blog post "Implementing Vision Transformer (ViT) from Scratch": 48 wide, 4 deep, 4 heads,
+    # MLP 192, 4x4 patches (0.12M parameters). Adam at 1e-3, batch 256, flips only, no label smoothing, no
+    # weight decay: the setup reported at ~64% after 50-100 epochs at a constant rate. A one-epoch warmup +
+    # cosine to zero (same peak) converges in fewer epochs, so 30 (benchmarks/cifar10_time_to_accuracy.py
+    # checks the 64%).
+    "tutorial": TrainConfig(
+        model="tutorial", epochs=30, batch_size=256, lr=1e-3, warmup_epochs=1, weight_decay=0.0, grad_clip=0.0,
         augment=AugmentConfig(crop_padding=0, policy="none", mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0),
     ),
     # DEFAULT, ~15 minutes here: 12 epochs of a 128-wide, 6-deep /4 model (0.81M parameters, MLP ratio 2 as
@@ -128,7 +125,7 @@ RECIPES: dict[str, TrainConfig] = {
     # underfits. AdamW at 2e-3 (batch 256): a small model warmed up for an epoch takes it, and a short run
     # needs the large steps; wd 0.05 and label smoothing 0.1 as DeiT; random crop (pad 4) + flip only.
     "fast": TrainConfig(
-        model="seed", model_args={"width": 128, "depth": 6, "heads": 4, "mlp_dim": 256},
+        model="cifar128",
         epochs=12, batch_size=256, lr=2e-3, warmup_epochs=1, weight_decay=0.05, grad_clip=1.0,
         augment=_LIGHT,
     ),
@@ -138,12 +135,13 @@ RECIPES: dict[str, TrainConfig] = {
     # little stochastic depth pay for themselves; mixup/cutmix stay off, they need 100+ epochs. No EMA:
     # the cosine to zero already averages the last epochs. Warmup 2 epochs for the wider model.
     "cpu-hour": TrainConfig(
-        model="seed", model_args={"width": 192, "depth": 6, "heads": 3, "mlp_dim": 384},
+        model="cifar192",
         epochs=30, batch_size=256, lr=1.5e-3, warmup_epochs=2, weight_decay=0.05, grad_clip=1.0,
         drop_path=0.05, augment=dataclasses.replace(_LIGHT, policy="trivial"), time_budget=60,
     ),
 }
 DEFAULT_RECIPE = "fast"
+DEPRECATED_RECIPES = {"seed": "tutorial"}  # old names that still work, with a warning
 
 # Flags that reshape the augmentation; the CLI passes them flat, they land in `augment`.
 AUGMENT_FIELDS = {f.name for f in dataclasses.fields(AugmentConfig)} - {"mean", "std"}
@@ -155,6 +153,9 @@ def resolve_recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
     `model=` without `model_args=` drops the recipe's model_args: they reshape the recipe's own model, and
     `--model Ti/4` means timm's Ti, not Ti squeezed into the recipe's width.
     """
+    if name in DEPRECATED_RECIPES:
+        warnings.warn(f"recipe {name!r} is now called {DEPRECATED_RECIPES[name]!r}", FutureWarning, stacklevel=2)
+        name = DEPRECATED_RECIPES[name]
     if name not in RECIPES:
         raise VitlabError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     cfg = RECIPES[name]
