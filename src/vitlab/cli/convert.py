@@ -15,13 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
+from vitlab.convert.files import convert_timm, locate, read_weights
 from vitlab.errors import VitlabError
-from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict, read_json
-
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
-INDEX_NAME = "model.safetensors.index.json"
+from vitlab.weights import CONFIG_NAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,71 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def locate(src: Path) -> tuple[list[Path], dict | None]:
-    """(safetensors files to read, config.json dict or None) for a file or directory SRC."""
-    if not src.exists():
-        raise VitlabError(f"{src} not found")
-    if src.is_file():
-        if src.suffix in PICKLE_SUFFIXES:
-            raise VitlabError(f"{src} is a pickled checkpoint; only .safetensors weights are read "
-                              "(unpickling can run code): save it with safetensors first")
-        if src.suffix != ".safetensors":
-            raise VitlabError(f"{src} is not a .safetensors file")
-        files, folder = [src], src.parent
-    else:
-        folder = src
-        if (src / WEIGHTS_NAME).is_file():
-            files = [src / WEIGHTS_NAME]
-        elif (src / INDEX_NAME).is_file():
-            shards = sorted(set(read_json(src / INDEX_NAME).get("weight_map", {}).values()))
-            if not shards:
-                raise VitlabError(f"{src / INDEX_NAME} lists no weight files")
-            files = [src / s for s in shards]
-        else:
-            found = sorted(src.glob("*.safetensors"))
-            if len(found) != 1:
-                pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
-                if not found and pickles:
-                    raise VitlabError(f"{src} holds only pickled checkpoints ({', '.join(pickles)}); "
-                                      "only .safetensors weights are read (unpickling can run code)")
-                raise VitlabError(f"{src} holds {len(found) or 'no'} .safetensors files; "
-                                  f"expected {WEIGHTS_NAME} (or one .safetensors file)")
-            files = found
-    config = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
-    return files, config
-
-
-def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = load_state_dict(f)
-        if dup := sorted(set(part) & set(state)):
-            raise VitlabError(f"{f} repeats keys of another shard: {dup[:5]}")
-        state.update(part)
-    return state
-
-
 def _convert_timm(state: dict, config: dict | None, args: argparse.Namespace):
-    from vitlab.convert.timm import from_timm_state_dict, load_timm_checkpoint, timm_config_from_state_dict
-
-    config = config or {}
-    if config.get("model_type") == "vitlab_vit":
-        raise VitlabError("SRC is already a vitlab model directory (config.json model_type 'vitlab_vit')")
-    labels = config.get("label_names")
-    if args.variant:
-        image_size = args.image_size
-        input_size = (config.get("pretrained_cfg") or {}).get("input_size")
-        if image_size is None and input_size:
-            image_size = int(input_size[-1])
-        cfg = timm_config_from_state_dict(state, variant=args.variant, image_size=image_size,
-                                          num_classes=args.num_classes, global_pool=config.get("global_pool"))
-        model = from_timm_state_dict(state, cfg)
-    elif config.get("architecture"):
-        model = load_timm_checkpoint(state, config, image_size=args.image_size, num_classes=args.num_classes)
-    else:
-        raise VitlabError("no config.json naming a timm architecture next to the weights; "
-                          "describe the model with --variant (e.g. --variant Ti/16 --image-size 224)")
-    return model, labels if isinstance(labels, list) else None
+    return convert_timm(state, config, variant=args.variant, image_size=args.image_size, num_classes=args.num_classes)
 
 
 def _convert_hf(state: dict, config: dict | None, args: argparse.Namespace):

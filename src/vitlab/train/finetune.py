@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -43,9 +42,9 @@ def sha256_file(path: str | Path) -> str:
 
 def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionTransformer, dict]:
     """The pretrained ViT in SRC and {"source", "kind", "files": {file name: sha256}} describing it."""
-    from vitlab.cli.convert import _convert_timm, locate, read_weights  # the `vitlab convert` readers
     from vitlab.clip.model import MODEL_TYPE as CLIP_TYPE
     from vitlab.clip.model import CLIPModel
+    from vitlab.convert.files import convert_timm, locate, read_weights  # the `vitlab convert` readers
     from vitlab.convert.hf_clip import _MODEL_TYPES as HF_CLIP_TYPES
     from vitlab.convert.hf_clip import convert_hf_clip
     from vitlab.convert.hf_vit import from_hf_vit_state_dict
@@ -67,8 +66,7 @@ def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionT
         model, kind = convert_hf_clip(read_weights(files), config), "hf_clip"
         model = model.vision if isinstance(model, CLIPModel) else model
     elif model_type is None and (variant or config.get("architecture")):
-        args = SimpleNamespace(variant=variant, image_size=None, num_classes=None)
-        model, kind = _convert_timm(read_weights(files), config, args)[0], "timm"
+        model, kind = convert_timm(read_weights(files), config, variant=variant)[0], "timm"
     elif model_type is None:
         raise VitlabError(f"{path}: no config.json describing the weights; for a bare timm file pass its "
                           "vitlab variant (--variant Ti/16)")
