@@ -14,6 +14,7 @@ from PIL import Image
 from vitlab.cli import main
 from vitlab.model import VisionTransformer
 from vitlab.train import loop
+from vitlab.train.lock import LOCK_NAME
 
 TINY = ["--recipe", "tutorial", "--epochs", "1", "--train-subset", "256", "--test-subset", "200", "--batch-size",
         "64", "--model-arg", "width=16", "--model-arg", "depth=1", "--model-arg", "heads=2", "--model-arg",
@@ -93,8 +94,9 @@ def test_predict_any_image(run_dir, tmp_path, capsys):
 
 
 def snapshot(run_dir):
-    """Every file of the run dir (checkpoint included) -> (bytes, mtime in ns)."""
-    return {p.relative_to(run_dir): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    """Every file of the run dir (checkpoint included; not the lock every start takes) -> (bytes, mtime in ns)."""
+    return {p.relative_to(run_dir): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file() and p.name != LOCK_NAME}
 
 
 def test_resume_of_a_finished_run_is_a_no_op(synthetic_run, capsys, monkeypatch):

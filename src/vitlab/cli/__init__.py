@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("vitlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM during a training (vitlab.train.guard.Terminated): 143
+        print(f"vitlab: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except (VitlabError, OSError) as e:
         if not is_user_error(e) or os.environ.get("VITLAB_DEBUG"):
             raise

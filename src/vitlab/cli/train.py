@@ -5,6 +5,9 @@ a 2-core CPU), cpu-hour (~60 min). Any field can be overridden: --epochs 5 --lr 
 --time-budget MINUTES fits the number of steps and the schedule to the wall clock instead of --epochs: the
 command ends within that many minutes of its start, evaluation and saving included.
 --resume RUN_DIR continues an interrupted run exactly where its last checkpoint left it.
+Exit codes: 0 done; 2 bad input, a full disk, a run dir in use by another process, or a run that diverged
+(NaN/Inf loss: its last good checkpoint is kept; see --on-nonfinite); 130 Ctrl-C; 143 SIGTERM. After 130,
+143 or a full disk, --resume RUN_DIR continues the run.
 
 The run dir gets config.json + model.safetensors (load with VisionTransformer.from_pretrained(RUN_DIR)),
 preprocessor_config.json, train_config.json, metrics.jsonl / metrics.csv, steps.jsonl, curves.png and
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from vitlab.errors import VitlabError
 from vitlab.speed import PRECISIONS
+from vitlab.train.guard import stops_on_sigterm
 from vitlab.train.recipes import DEFAULT_RECIPE, RECIPES, resolve_recipe
 
 # CLI flag -> RunConfig field: the options `vitlab train` and `vitlab train-clip` share.
@@ -27,6 +31,7 @@ RUN_OVERRIDES = {
     "epochs": float, "max_steps": int, "batch_size": int, "lr": float, "min_lr": float, "weight_decay": float,
     "warmup_epochs": float, "grad_clip": float, "ema": float, "precision": str, "seed": int, "time_budget": float,
     "dataset": str, "train_subset": int, "test_subset": int, "eval_batch_size": int,
+    "on_nonfinite": str,
 }
 # CLI flag -> TrainConfig field (augmentation fields land in config.augment).
 OVERRIDES = {
@@ -43,6 +48,8 @@ HELP = {
     "weight_decay": "decoupled weight decay (not on norms, biases, tokens, positions)",
     "drop_path": "stochastic depth of the last block",
     "grad_clip": "max global gradient norm (0: off)",
+    "on_nonfinite": "stop (default): a NaN/Inf loss or gradient norm ends the run, exit 2, its last good "
+                    "checkpoint kept | skip: skip that step and halve the learning rate (5 in a row: stop)",
     "ema": "EMA decay of the weights, e.g. 0.999 (0: off); the EMA is evaluated and saved",
     "precision": f"{' | '.join(PRECISIONS)}: auto = bf16-pure on CPUs with bf16 matmuls, bf16 autocast on GPUs",
     "val_split": "fraction of train held out as a validation set, e.g. 0.1",
@@ -134,6 +141,7 @@ def parse_model_args(items: list[str]) -> dict:
     return out
 
 
+@stops_on_sigterm  # exit 143, resumable (vitlab.train.guard)
 def run(args: argparse.Namespace) -> int:
     from vitlab.train import resume, train
     from vitlab.train.budget import process_start

@@ -5,7 +5,7 @@ Image and text towers are trained from scratch on CIFAR-10 images captioned from
 through the same loop as `vitlab train`, with the same option names: by default a 5-minute --time-budget
 (evaluation and saving included; --time-budget 0 --epochs N for a fixed length), --resume RUN_DIR to continue
 an interrupted run exactly, metrics.jsonl / steps.jsonl / curves.png / checkpoint/ in the run dir. The run
-dir is also a model dir `vitlab zeroshot RUN_DIR` reads.
+dir is also a model dir `vitlab zeroshot RUN_DIR` reads. Exit codes and --on-nonfinite: as `vitlab train`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from vitlab.cli.train import (
     default_out,
     refuse_overrides_on_resume,
 )
+from vitlab.train.guard import stops_on_sigterm
 
 # CLI flag -> ClipTrainConfig field: the shared run options (as `vitlab train`) and the towers.
 OVERRIDES = {
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+@stops_on_sigterm  # exit 143, resumable (vitlab.train.guard)
 def run(args: argparse.Namespace) -> int:
     from vitlab.clip.train import ClipTrainConfig, resume_clip, train_clip
     from vitlab.train.budget import process_start

@@ -37,12 +37,16 @@ class TrainStep:
     `model` always holds the fp32 weights the optimizer updates (and that are saved and evaluated);
     with precision "bf16-pure" forward and backward run on a bf16 copy whose gradients are copied back.
     With "bf16" on CPU the model's own modules are swapped for the fused ones (same outputs in fp32).
-    Returns (loss, logits) detached, with no host sync: the caller decides when to read them.
+    Returns (loss, logits) detached, with no host sync: the caller decides when to read them. The global
+    gradient norm (before clipping) is kept in `grad_norm`: computed when clipping, or with `track_grad_norm`
+    (one more pass over the gradients), else None. `skip_nonfinite`: the update is skipped (`skipped` True)
+    when the loss or the gradient norm is NaN/Inf, at one host sync per step (vitlab.train.guard's skip mode).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
                  compile: bool = False, clip_grad: float | None = 1.0,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = soft_cross_entropy) -> None:
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = soft_cross_entropy,
+                 track_grad_norm: bool = False, skip_nonfinite: bool = False) -> None:
         if precision not in PRECISIONS or precision == "auto":
             raise ValueError(f"TrainStep needs a resolved precision (fp32, bf16, bf16-pure), got {precision!r}")
         self.model, self.optimizer = model, optimizer
@@ -50,6 +54,9 @@ class TrainStep:
         self.precision = precision
         self.clip_grad = clip_grad
         self.loss_fn = loss_fn
+        self.track_grad_norm, self.skip_nonfinite = track_grad_norm or skip_nonfinite, skip_nonfinite
+        self.grad_norm: torch.Tensor | None = None  # of the last step, a 0-d tensor on the device
+        self.skipped = False  # the last step's update was skipped (skip_nonfinite only)
         if precision == "bf16-pure":
             self.compute = bf16_copy(model, self.device)
         else:
@@ -81,8 +88,15 @@ class TrainStep:
                     master.copy_(low)
             for m, p in zip(self.master, self.low):
                 m.grad, p.grad = p.grad.float() if p.grad is not None else None, None
+        self.grad_norm = None
         if self.clip_grad:
-            nn.utils.clip_grad_norm_(self.master, self.clip_grad, foreach=True)
-        self.optimizer.step()
+            self.grad_norm = nn.utils.clip_grad_norm_(self.master, self.clip_grad, foreach=True)
+        elif self.track_grad_norm:
+            self.grad_norm = nn.utils.get_total_norm([p.grad for p in self.master if p.grad is not None],
+                                                     foreach=True)
+        if self.skip_nonfinite:
+            self.skipped = not bool(torch.isfinite(loss.detach().float() + self.grad_norm))  # the host sync
+        if not self.skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logits.detach()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from vitlab.errors import MissingField, VitlabError, check_count, check_number
+from vitlab.errors import MissingField, VitlabError, check_count, check_fields, check_number
 from vitlab.weights import (
     check_finite,
     check_json,
@@ -47,6 +47,7 @@ CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest.json"
 STATE = "state.json"
 COUNTERS = ("step", "epoch", "total_steps", "ema_updates")  # non-negative integers when present
+SCRATCH_PREFIX = ".budget-probe-"  # scratch folders the trainer saves into to time a save (run dir level)
 
 
 class CheckpointFiles(dict):
@@ -239,20 +240,71 @@ def check_state(state: dict, source: str | Path) -> dict:
         raise VitlabError(f"{source}: field 'step' ({state['step']}) is past 'total_steps' ({state['total_steps']})")
     if "elapsed_s" in state:
         check_number(state["elapsed_s"], "elapsed_s", str(source), minimum=0)
-    for name, kind in (("finished", bool), ("optimizer", dict), ("schedule", dict)):
+    for name, kind in (("finished", bool), ("optimizer", dict), ("schedule", dict), ("budget", (dict, type(None))),
+                       ("guard", dict)):
         if name in state:
             check_json(state, source, **{name: kind})
+    if state.get("budget"):
+        budget = state["budget"]
+        check_number(budget.get("step_s", 0.0), "budget.step_s", str(source), minimum=0)
+        ends = budget.get("epoch_ends", [])
+        if not isinstance(ends, list):
+            raise VitlabError(f"{source}: field 'budget.epoch_ends' must be a list of seconds, got {ends!r}")
+        for s in ends:
+            check_number(s, "budget.epoch_ends", str(source), minimum=0)
     return state
 
 
+def check_schedule(d: dict, source: str | Path) -> dict:
+    """state.json's "schedule": the fields of `WarmupCosine`, of their types, with counts >= 0 and rates > 0."""
+    from vitlab.train.optim import WarmupCosine
+
+    check_fields(WarmupCosine, d, "schedule")
+    check_json(d, source, base_lr=float, total_steps=int)
+    where = f"{source} schedule"
+    check_number(d["base_lr"], "base_lr", where, minimum=0)
+    check_number(d.get("min_lr", 0.0), "min_lr", where, minimum=0)
+    check_count(d["total_steps"], "total_steps", where)
+    check_count(d.get("warmup_steps", 0), "warmup_steps", where)
+    return d
+
+
+def check_record(record: dict, source: str | Path) -> dict:
+    """What resuming reads from train_config.json besides the config: the task kind, the plan, the data."""
+    check_json(record, source, config=dict)
+    for name, kind in (("task", str), ("plan", dict), ("data", dict)):
+        if name in record:
+            check_json(record, source, **{name: kind})
+    plan = record.get("plan")
+    if plan is not None:
+        where = f"{source} plan"
+        check_json(plan, where, total_steps=int, warmup_steps=int)
+        check_count(plan["total_steps"], "total_steps", where)
+        check_count(plan["warmup_steps"], "warmup_steps", where)
+        if "precision" in plan:
+            check_json(plan, where, precision=(str, type(None)))
+        for name in ("step_s", "epoch_end_s", "exit_s"):
+            if name in plan:
+                check_number(plan[name], name, where, minimum=0)
+    root = record.get("data", {}).get("root")
+    if root is not None and not isinstance(root, str):
+        raise VitlabError(f"{source}: field 'data.root' must be a path, got {root!r}")
+    return record
+
+
 def clean_stale(run_dir: str | Path) -> list[Path]:
-    """Remove what killed runs leave behind: atomic_write's temp files in the run dir and checkpoint/, and
-    checkpoint folders latest.json does not commit. Call it at start-up while holding the run's lock.
+    """Remove what killed runs leave behind: atomic_write's temp files in the run dir and checkpoint/, the
+    trainer's scratch folders, and checkpoint folders latest.json does not commit. Call it at start-up while
+    holding the run's lock.
 
     With an unreadable latest.json nothing in checkpoint/ is touched (it may be needed to recover).
     """
     run_dir, removed = Path(run_dir), []
     removed += remove_temp_files(run_dir)
+    for p in run_dir.glob(SCRATCH_PREFIX + "*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     root = run_dir / CHECKPOINT_DIR
     if not root.is_dir():
         return removed

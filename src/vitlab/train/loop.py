@@ -33,16 +33,20 @@ from vitlab.model import parse_variant
 from vitlab.speed import TrainStep
 from vitlab.train.budget import Budget, seconds_per_call
 from vitlab.train.checkpoint import (
+    SCRATCH_PREFIX,
+    check_record,
+    check_schedule,
     has_checkpoint,
     load_checkpoint,
-    optimizer_from_files,
     optimizer_to_files,
+    restore_optimizer,
     restore_rng,
     rng_states,
     save_checkpoint,
 )
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.ema import ModelEma
+from vitlab.train.guard import NonFiniteGuard, claim_run_dir, describe_stop
 from vitlab.train.metrics import CURVES_PNG, STEPS, MetricsLog, figures
 from vitlab.train.optim import WarmupCosine, create_optimizer
 from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig
@@ -105,7 +109,7 @@ def read_run(run_dir: str | Path, config_class: type[RunConfig],
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitlabError(f"cannot resume: {run_dir} is not a directory")
-    record = read_json(run_dir / RUN_CONFIG)
+    record = check_record(read_json(run_dir / RUN_CONFIG), run_dir / RUN_CONFIG)
     kind = record.get("task", ClassifyTask.kind)  # runs from before tasks were recorded are classification
     if kind != task_class.kind:
         raise VitlabError(f"{run_dir} is a {kind!r} run, not a {task_class.kind!r} one; resume it with the command "
@@ -143,8 +147,10 @@ class Trainer:
         self.precision = record.get("plan", {}).get("precision") or task.resolve_precision(c.precision)
         self.optimizer = create_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
         self.train_step_fn = TrainStep(task.train_module(self.model), self.optimizer, precision=self.precision,
-                                       compile=c.compile, clip_grad=c.grad_clip, loss_fn=task.loss)
+                                       compile=c.compile, clip_grad=c.grad_clip, loss_fn=task.loss,
+                                       track_grad_norm=True, skip_nonfinite=c.on_nonfinite == "skip")
         self.ema = ModelEma(self.model, decay=c.ema) if c.ema else None
+        self.guard = NonFiniteGuard.for_trainer(self)  # NaN/Inf loss or gradient norm: stop, or skip the step
         self.data_gen = torch.Generator().manual_seed(c.seed)  # epoch order, on the CPU
 
         self.batch_size = min(c.batch_size, task.train_size)
@@ -243,7 +249,7 @@ class Trainer:
         t_eval = seconds_per_call(lambda: self.task.evaluate(self.eval_model, precision=self.precision, limit=m),
                                   warmup=1, repeats=1, device=self.device, clock=self.clock)
         rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
-        with tempfile.TemporaryDirectory(prefix=".budget-probe-", dir=self.run_dir) as scratch:
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.run_dir) as scratch:
             def save() -> None:
                 self.save(Path(scratch))
                 self.plot_curves(Path(scratch), rows)
@@ -253,15 +259,18 @@ class Trainer:
     def restore(self) -> None:
         """Load the last checkpoint: weights, optimizer, EMA, RNG states, counters, metrics so far."""
         tensors, state = load_checkpoint(self.run_dir)
-        load_into(self.model, tensors["model"], source=f"{self.run_dir} checkpoint")
-        self.optimizer.load_state_dict(optimizer_from_files(tensors.get("optimizer", {}), state["optimizer"]))
+        source = f"{self.run_dir} checkpoint"
+        load_into(self.model, tensors["model"], source=source)
+        restore_optimizer(self.optimizer, tensors.get("optimizer", {}), state["optimizer"], source=source)
         if self.ema is not None:
-            self.ema.load_state_dict(tensors["ema"], updates=state["ema_updates"])
-        restore_rng(tensors["rng"], self.generators)
+            load_into(self.ema.module, tensors["ema"], source=f"{source} EMA")
+            self.ema.updates = state["ema_updates"]
+        restore_rng(tensors["rng"], self.generators, source=source)
         self.step, self.epoch = state["step"], state["epoch"]
         self.elapsed_before, self.finished = state["elapsed_s"], state.get("finished", False)
         self.total_steps = state["total_steps"]
-        self.schedule = WarmupCosine(**state["schedule"])
+        self.schedule = WarmupCosine(**check_schedule(state["schedule"], f"{source} state.json"))
+        self.guard.load_state_dict(state.get("guard", {}), source=f"{source} state.json")
         if self.budget is not None:
             self.budget.carry_over(self.elapsed_before)
             self.budget.load_state_dict(state.get("budget") or {})
@@ -288,6 +297,16 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train to the end, the only writer of the run dir (`vitlab.train.guard.claim_run_dir`)."""
+        if not self.is_main:
+            return self.run_locked()
+        how = "--resume" if self.resuming else "--out"
+        with claim_run_dir(self.run_dir, command=f"{self.task.command} {how} {self.run_dir}", log=self.log):
+            if not self.resuming:
+                check_new_run_dir(self.run_dir)  # a run may have started here since train() looked
+            return self.run_locked()
+
+    def run_locked(self) -> TrainResult:
         self.plan()
         if self.resuming and has_checkpoint(self.run_dir):
             self.restore()
@@ -301,9 +320,9 @@ class Trainer:
         try:
             while not self.finished:
                 self.run_epoch()
-        except KeyboardInterrupt:
-            if has_checkpoint(self.run_dir):
-                self.log(f"interrupted; continue with: {self.task.command} --resume {self.run_dir}")
+        except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, SIGTERM, a full disk: the run is resumable
+            if has_checkpoint(self.run_dir) or (self.run_dir / RUN_CONFIG).is_file():
+                self.log(f"{describe_stop(e)}; continue with: {self.task.command} --resume {self.run_dir}")
             raise
         return self.result()
 
@@ -344,6 +363,7 @@ class Trainer:
             self.lr = self.schedule.apply(self.optimizer, self.step)
             loss, outputs = self.train_step(batch)
             self.step += 1
+            loss = self.guard.observe(self, loss)  # DivergedError at a NaN/Inf (or, skip mode, the loss to count)
             loss_sum += loss
             n_right = self.task.correct(outputs, batch)
             if n_right is not None:
@@ -381,7 +401,7 @@ class Trainer:
 
     def after_step(self, batch: Batch, loss: torch.Tensor, outputs) -> None:
         """After each optimizer step (`self.step` already counts it): EMA, the per-step loss log.
-        Per-step checks (a non-finite loss guard) and per-step scalars (TensorBoard) go here."""
+        Per-step scalars (TensorBoard) go here; the non-finite guard runs just before (`NonFiniteGuard`)."""
         if self.ema is not None:
             self.ema.update(self.model)
         if self.step % self.config.log_every == 0 or self.step == 1:
@@ -409,6 +429,7 @@ class Trainer:
     # ---- end of epoch ----------------------------------------------------------------------------------
     def end_epoch(self, *, finished: bool) -> None:
         """Evaluate, then write metrics, run dir and checkpoint (in that order: see MetricsLog)."""
+        self.guard.check(self, weights=True)  # every step (and the weights) read before evaluating and saving
         t = self.clock()
         row = {"epoch": self.epoch, "step": self.step, **self.epoch_stats}
         row.update(self.task.evaluate(self.eval_model, precision=self.precision, progress=self.progress))
@@ -463,5 +484,6 @@ class Trainer:
                  "schedule": self.schedule.state_dict(), "optimizer": opt_meta,
                  "ema_updates": self.ema.updates if self.ema is not None else 0,
                  "elapsed_s": elapsed, "finished": self.finished,
-                 "budget": self.budget.state_dict() if self.budget is not None else None}
+                 "budget": self.budget.state_dict() if self.budget is not None else None,
+                 "guard": self.guard.state_dict()}
         save_checkpoint(run_dir, tensors=tensors, state=state)

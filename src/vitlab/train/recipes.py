@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from vitlab.data import AugmentConfig
 from vitlab.errors import VitlabError, check_fields
 from vitlab.speed import PRECISIONS
+from vitlab.train.guard import ON_NONFINITE
 
 RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in every run dir
 
@@ -46,6 +47,7 @@ class RunConfig:
     weight_decay: float = 0.05  # decoupled (AdamW); never on norms, biases, tokens, positions
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    on_nonfinite: str = "stop"  # NaN/Inf loss or gradient norm: stop (keep the last good checkpoint) | skip the step
     ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); 0 = off. The EMA is evaluated and saved.
     # ---- execution -------------------------------------------------------------------------------------
     precision: str = "auto"  # fp32 | bf16 (autocast) | bf16-pure | auto (vitlab.speed.resolve_precision)
@@ -72,6 +74,8 @@ class RunConfig:
              "train_subset, test_subset, time_budget and max_steps must be >= 0")
         need(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        need(self.on_nonfinite in ON_NONFINITE,
+             f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, not {self.on_nonfinite!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
