@@ -18,7 +18,7 @@ $(VENV)/.core: pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -q "$(TORCH)" "$(TORCHVISION)"
-	$(PIP) install -q -e ".[dev,plot,demo,export]"
+	$(PIP) install -q -e ".[dev,plot,demo,export,tensorboard]"
 	touch $@
 
 train: $(VENV)/.core

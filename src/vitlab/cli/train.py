@@ -83,6 +83,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--download", action="store_true", help="download CIFAR if it is not found")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_const", const=True, default=None,
+                   help="also write TensorBoard event files to RUN_DIR/tb (pip install 'vitlab[tensorboard]')")
 
 
 def chosen(args: argparse.Namespace, names: Iterable[str]) -> dict:
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.train.budget import process_start
 
     progress = not args.no_progress
-    overrides = chosen(args, (*OVERRIDES, "flip", "compile", "grad_checkpointing"))
+    overrides = chosen(args, (*OVERRIDES, "flip", "compile", "grad_checkpointing", "tensorboard"))
     if args.model_arg:
         overrides["model_args"] = parse_model_args(args.model_arg)
     if args.resume is not None:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.train.budget import process_start
 
     progress = not args.no_progress
-    overrides = chosen(args, (*OVERRIDES, "loss"))
+    overrides = chosen(args, (*OVERRIDES, "loss", "tensorboard"))
     if args.resume is not None:
         refuse_overrides_on_resume(args, overrides)
         result = resume_clip(args.resume, data=args.data, device=args.device, progress=progress,

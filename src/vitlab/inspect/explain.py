@@ -95,17 +95,24 @@ def analyse(run: Run, inputs: Inputs, *, show: int, batch_size: int = 64) -> Ana
 
 
 def image_labels(run: Run, inputs: Inputs, an: Analysis, n: int) -> list:
+    return prediction_labels(run.class_names, inputs.labels[:n], an.preds, an.confidence)
+
+
+def prediction_labels(class_names: list[str], labels: torch.Tensor, preds: torch.Tensor | None = None,
+                      confidence: torch.Tensor | None = None) -> list:
+    """An `ImageLabel` per image: "pred: cat (87%)" over "true: dog", or the true class alone without preds;
+    labels -1 where unknown."""
     from vitlab.inspect.plots import ImageLabel
 
     out = []
-    for i in range(n):
-        t = int(inputs.labels[i])
-        true = run.class_names[t] if t >= 0 else "?"
-        if an.preds is None:
+    for i in range(len(labels)):
+        t = int(labels[i])
+        true = class_names[t] if t >= 0 else "?"
+        if preds is None:
             out.append(ImageLabel(f"true: {true}"))
             continue
-        k = int(an.preds[i])
-        text = f"pred: {run.class_names[k]} ({100 * float(an.confidence[i]):.0f}%)\ntrue: {true}"
+        k = int(preds[i])
+        text = f"pred: {class_names[k]} ({100 * float(confidence[i]):.0f}%)\ntrue: {true}"
         out.append(ImageLabel(text, None if t < 0 else k == t))
     return out
 

@@ -52,6 +52,7 @@ from vitlab.train.optim import WarmupCosine, create_optimizer
 from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig
 from vitlab.train.runtime import resolve_device
 from vitlab.train.task import Batch, Task
+from vitlab.train.tensorboard import open_tensorboard
 from vitlab.weights import load_into, read_json, write_json
 
 
@@ -166,6 +167,7 @@ class Trainer:
         self.epoch_stats: dict = {}  # train_loss, train_acc, images_per_sec of the last epoch
         self.logged_total = self.total_steps  # the schedule length last reported in the log
         self.noted_no_plot = False
+        self.tensorboard = None  # a vitlab.train.tensorboard.TensorBoardLog once run() starts, with --tensorboard
 
     @property
     def is_main(self) -> bool:
@@ -315,6 +317,7 @@ class Trainer:
                 return self.result()
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
         self.write_run_files()
+        self.tensorboard = open_tensorboard(self)
         self.log(f"training {self.task.describe(self.model)} on {self.task.train_size} images, {self.total_steps} "
                  f"steps of {self.batch_size} ({self.num_epochs} epochs), {self.precision} on {self.device}")
         try:
@@ -324,6 +327,9 @@ class Trainer:
             if has_checkpoint(self.run_dir) or (self.run_dir / RUN_CONFIG).is_file():
                 self.log(f"{describe_stop(e)}; continue with: {self.task.command} --resume {self.run_dir}")
             raise
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         return self.result()
 
     def result(self) -> TrainResult:
@@ -406,6 +412,8 @@ class Trainer:
             self.ema.update(self.model)
         if self.step % self.config.log_every == 0 or self.step == 1:
             self.log_step(loss)
+        if self.tensorboard is not None:
+            self.tensorboard.after_step(self)
 
     def log_step(self, loss: torch.Tensor) -> None:
         """A point of steps.jsonl (every log_every steps, the first and each epoch's last)."""
@@ -457,6 +465,8 @@ class Trainer:
         self.log(f"epoch {self.epoch}  step {self.step}  {'  '.join(shown)}  lr {self.lr:.2e}  "
                  f"{row['images_per_sec']:.0f} img/s  ({row['elapsed_s'] / 60:.1f} min{left}; "
                  f"eval+save {seconds:.1f} s)")
+        if self.tensorboard is not None:
+            self.tensorboard.after_eval(self)
 
     def minutes_left(self, eval_s: float) -> float:
         """From the last epoch's speed (to the deadline under a time budget)."""

@@ -56,6 +56,7 @@ class RunConfig:
     time_budget: float = 0.0  # minutes; >0: fit steps + schedule to end within this wall-clock budget
     log_every: int = 10  # optimizer steps between points of the per-step loss log (steps.jsonl)
     seed: int = 0
+    tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tb (vitlab.train.tensorboard)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
