@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitlab.train.tta import TTA_MODES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a trained run: top-1/5, per-class accuracy, confusion matrix",
@@ -17,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--tta", nargs="?", const="flip-translate", default="none", choices=TTA_MODES,
+                   help="test-time augmentation: average over flipped (and shifted) views; --tta alone: flip-translate")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -25,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.train.evaluate import EVAL_JSON, evaluate_run
 
     res = evaluate_run(args.run_dir, data=args.data, split=args.split, batch_size=args.batch_size,
-                       device=args.device, progress=not args.no_progress)
-    print(f"{res['dataset']} {res['split']} ({res['count']} images): top-1 {res['top1']:.2%}  "
+                       device=args.device, progress=not args.no_progress, tta=args.tta)
+    tta = f", TTA {args.tta}" if args.tta != "none" else ""
+    print(f"{res['dataset']} {res['split']} ({res['count']} images{tta}): top-1 {res['top1']:.2%}  "
           f"top-5 {res['top5']:.2%}  loss {res['loss']:.4f}")
     width = max(len(c) for c in res["per_class"])
     for name, acc in res["per_class"].items():

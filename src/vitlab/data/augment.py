@@ -34,6 +34,7 @@ class AugmentConfig:
     crop_padding: int = 4  # random crop back to the input size after padding each side; 0 = off
     padding_mode: str = "zeros"  # "zeros" as torchvision's RandomCrop(32, padding=4), or "reflect"
     flip: bool = True  # horizontal flip with probability 1/2
+    alternate_flip: bool = False  # airbench: each image flipped in every other epoch (a random half in the first)
     policy: str = "trivial"  # "none" | "trivial" (TrivialAugment-Wide) | "randaug" (RandAugment)
     randaug_n: int = 2  # RandAugment: ops per image
     randaug_m: int = 9  # RandAugment: magnitude level 0..30 (torchvision's scale)

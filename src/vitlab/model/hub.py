@@ -37,15 +37,26 @@ class PretrainedMixin:
     config_class: ClassVar[type]
     extra_keys: ClassVar[tuple[str, ...]] = ()  # further non-config keys a subclass stores in config.json
 
-    def save_pretrained(self, directory: str | Path, **extra) -> Path:
-        """Write model.safetensors, then config.json (config fields + `extra`), each atomically."""
+    def save_pretrained(self, directory: str | Path, *, class_names: list[str] | None = None, **extra) -> Path:
+        """Write model.safetensors, then config.json (config fields + `extra`), each atomically.
+
+        class_names go to `id2label` as in Hugging Face configs (read back by `read_class_names`).
+        """
         from vitlab import __version__
 
         directory = Path(directory)
+        if class_names:
+            extra["id2label"] = {str(i): c for i, c in enumerate(class_names)}
         save_state_dict(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
         write_json(directory / CONFIG_NAME, {"model_type": self.model_type, "vitlab_version": __version__,
                                              **self.cfg.to_dict(), **extra})
         return directory
+
+    @staticmethod
+    def read_class_names(directory: str | Path) -> list[str] | None:
+        """Class names saved with `save_pretrained(..., class_names=...)`, or None."""
+        id2label = read_json(Path(directory) / CONFIG_NAME).get("id2label")
+        return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
     @classmethod
     def read_config(cls, directory: str | Path) -> dict:

@@ -11,8 +11,6 @@ live in `vitlab.speed`, which swaps modules of a bf16 copy; nothing here knows a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +21,6 @@ from vitlab.model.config import ViTConfig, parse_variant
 from vitlab.model.flops import check_model_size
 from vitlab.model.hub import PretrainedMixin, seeded
 from vitlab.model.posemb import resample_grid, sincos_2d
-from vitlab.weights import CONFIG_NAME, read_json
 
 
 class QuickGELU(nn.Module):
@@ -426,18 +423,6 @@ class VisionTransformer(PretrainedMixin, nn.Module):
             feats, attns = self.forward_attention(x)
             return self.forward_head(feats), attns
         return self.forward_head(self.forward_features(x))
-
-    # ---- save / load (config.json + model.safetensors; from_pretrained comes from PretrainedMixin) -----
-    def save_pretrained(self, directory: str | Path, *, class_names: list[str] | None = None) -> Path:
-        """class_names go to `id2label` as in Hugging Face configs (read back by `read_class_names`)."""
-        extra = {"id2label": {str(i): c for i, c in enumerate(class_names)}} if class_names else {}
-        return super().save_pretrained(directory, **extra)
-
-    @staticmethod
-    def read_class_names(directory: str | Path) -> list[str] | None:
-        """Class names saved with `save_pretrained(..., class_names=...)`, or None."""
-        id2label = read_json(Path(directory) / CONFIG_NAME).get("id2label")
-        return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
     # ---- helpers ----------------------------------------------------------------------------------
     @property

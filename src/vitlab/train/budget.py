@@ -104,9 +104,13 @@ class Budget:
     """
 
     def __init__(self, seconds: float, *, steps_per_epoch: int, clock: Callable[[], float] = time.perf_counter,
-                 start: float | None = None, exit_s: float = EXIT_S) -> None:
+                 start: float | None = None, exit_s: float = EXIT_S,
+                 work: Callable[[int, int], float] | None = None) -> None:
         self.seconds = seconds
         self.steps_per_epoch = steps_per_epoch
+        # work(step, total): steps step..total-1 in units of a reference step (steps of unequal cost, e.g.
+        # progressive resizing); None: every step costs one unit. Estimates are then seconds per unit.
+        self.work = work
         self.clock = clock
         self.start = clock() if start is None else start
         self.exit_s = exit_s
@@ -130,8 +134,23 @@ class Budget:
 
     def steps_that_fit(self, step: int) -> int:
         """More steps (after `step`) that fit before the deadline, with their epoch ends and the exit."""
-        return plan_steps(self.left() - self.exit_s, step_s=self.step_s, epoch_s=self.epoch_end_s,
-                          steps_per_epoch=self.steps_per_epoch, phase=step % self.steps_per_epoch)
+        available, phase = self.left() - self.exit_s, step % self.steps_per_epoch
+        if self.work is None:
+            return plan_steps(available, step_s=self.step_s, epoch_s=self.epoch_end_s,
+                              steps_per_epoch=self.steps_per_epoch, phase=phase)
+
+        def fits(more: int) -> bool:
+            cost = self.step_s * self.work(step, step + more) + \
+                math.ceil((phase + more) / self.steps_per_epoch) * self.epoch_end_s
+            return cost <= available
+
+        lo, hi = 0, 1  # the cost grows with the steps: double until it does not fit, then bisect
+        while fits(hi):
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def plan(self, *, step: int, step_s: float, epoch_end_s: float) -> int:
         """The first fit, from a timed step and an estimated end of epoch: the total number of steps."""
@@ -145,12 +164,13 @@ class Budget:
         self.last_tick = self.clock()
         return step + more
 
-    def observe_step(self) -> None:
-        """Call after each optimizer step (its outputs read back, on a GPU, only now and then)."""
+    def observe_step(self, units: float = 1.0) -> None:
+        """Call after each optimizer step (its outputs read back, on a GPU, only now and then); `units`: its
+        cost in reference steps (with `work`)."""
         now = self.clock()
-        self.last_step_s = now - (self.last_tick if self.last_tick is not None else now)
-        self.window_s += self.last_step_s
-        self.window_steps += 1
+        self.last_step_s = (now - (self.last_tick if self.last_tick is not None else now)) / units
+        self.window_s += now - (self.last_tick if self.last_tick is not None else now)
+        self.window_steps += units
         self.last_tick = now
 
     def observe_epoch_end(self, seconds: float) -> None:
@@ -169,11 +189,11 @@ class Budget:
         self.window_s, self.window_steps = 0.0, 0
         return step + self.steps_that_fit(step)
 
-    def should_stop(self, *, after_epoch_end: bool = False) -> bool:
-        """Hard stop: True if one more step (after the coming epoch end, if `after_epoch_end`) and the final
-        evaluation + save + exit would pass the deadline. The schedule's own end comes first when fits are
-        right; this catches a machine that slowed down since the last fit."""
-        step_s = max(self.step_s, self.last_step_s)
+    def should_stop(self, *, after_epoch_end: bool = False, units: float = 1.0) -> bool:
+        """Hard stop: True if one more step (of `units` reference steps; after the coming epoch end, if
+        `after_epoch_end`) and the final evaluation + save + exit would pass the deadline. The schedule's own
+        end comes first when fits are right; this catches a machine that slowed down since the last fit."""
+        step_s = max(self.step_s, self.last_step_s) * units
         ahead = step_s + self.epoch_end_s * (2 if after_epoch_end else 1) + self.exit_s
         return self.clock() + ahead > self.deadline
 

@@ -17,6 +17,7 @@ from vitlab.train.metrics import figures
 from vitlab.train.predict import load_run
 from vitlab.train.recipes import RUN_CONFIG
 from vitlab.train.runtime import resolve_device
+from vitlab.train.tta import tta_forward
 from vitlab.weights import read_json, write_json
 
 
@@ -42,15 +43,16 @@ class EvalResult:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean: tuple[float, ...],
              std: tuple[float, ...], num_classes: int, batch_size: int = 1000,
              device: torch.device | str = "cpu", precision: str = "fp32", image_size: int | None = None,
-             progress: bool = False, desc: str = "eval") -> EvalResult:
+             progress: bool = False, desc: str = "eval", tta: str = "none") -> EvalResult:
     """Evaluate on uint8 images (N, 3, H, W): normalise only (the eval transform), no augmentation.
 
     `image_size`: resize (bicubic, antialiased) when the model expects another size than the data has.
+    `tta`: average the logits over flipped / shifted views (vitlab.train.tta).
     The model is put in eval mode and returned to its previous mode afterwards.
     """
     device = torch.device(device)
     was_training = model.training
-    forward = inference_forward(model, precision)  # bf16-pure: a bf16 copy of the current weights
+    forward = tta_forward(inference_forward(model, precision), tta)  # bf16-pure: a bf16 copy of the weights
     k = min(5, num_classes)
     loss_sum, top1, topk, n = 0.0, 0, 0, labels.shape[0]
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
@@ -78,7 +80,7 @@ CONFUSION_PNG = "confusion.png"
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: str = "test",
-                 batch_size: int = 1000, device: str = "auto", progress: bool = True) -> dict:
+                 batch_size: int = 1000, device: str = "auto", progress: bool = True, tta: str = "none") -> dict:
     """Evaluate a run dir's weights on `split` of the dataset it was trained on; write eval.json + figure.
 
     The dataset name comes from the run's train_config.json (CIFAR-10 when there is none, e.g. a converted
@@ -100,11 +102,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: 
     precision = record.get("plan", {}).get("precision", "fp32")
     res = evaluate(model.to(dev), ds.images, ds.labels, mean=tuple(processor["image_mean"]),
                    std=tuple(processor["image_std"]), num_classes=ds.num_classes, batch_size=batch_size,
-                   device=dev, precision=precision, image_size=model.cfg.image_size, progress=progress, desc=split)
+                   device=dev, precision=precision, image_size=getattr(model.cfg, "image_size", None),
+                   progress=progress, desc=split, tta=tta)
     classes = names if len(names) == ds.num_classes else ds.classes
     out = {"run_dir": str(run_dir), "dataset": dataset, "split": split, "count": res.count, "loss": res.loss,
            "top1": res.top1, "top5": res.top5, "per_class": dict(zip(classes, res.per_class)),
-           "confusion": res.confusion.tolist(), "classes": classes, "precision": precision}
+           "confusion": res.confusion.tolist(), "classes": classes, "precision": precision, "tta": tta}
     write_json(run_dir / EVAL_JSON, out)
     plots, png = figures(), None
     if plots is not None:

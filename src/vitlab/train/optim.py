@@ -68,6 +68,7 @@ def _depth(model: nn.Module) -> int:
 
 
 OPTIMIZERS = ("adamw", "muon")
+DECAYS = ("cosine", "linear")
 
 
 def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
@@ -182,12 +183,13 @@ class OptimizerGroup:
 
 @dataclass(frozen=True)
 class WarmupCosine:
-    """Learning rate per optimizer step: linear warmup to `base_lr`, then cosine down to `min_lr`.
+    """Learning rate per optimizer step: linear warmup to `base_lr`, then cosine (or linear) down to `min_lr`.
 
-    step s (0-based) of `total_steps`:
+    step s (0-based) of `total_steps`, p = (s - W) / (total_steps - W):
       s <  W: base_lr * (s + 1) / W             (the first step already moves; step W-1 is at base_lr)
-      s >= W: min_lr + (base_lr - min_lr) * (1 + cos(pi * (s - W) / (total_steps - W))) / 2
-    so the cosine starts at base_lr at s = W and would reach min_lr one step after the last.
+      s >= W: min_lr + (base_lr - min_lr) * (1 + cos(pi * p)) / 2    (decay "cosine")
+              min_lr + (base_lr - min_lr) * (1 - p)                  (decay "linear", Li et al. 2020)
+    so the decay starts at base_lr at s = W and would reach min_lr one step after the last.
     A pure function of the step: resuming only needs the step count.
     """
 
@@ -195,13 +197,15 @@ class WarmupCosine:
     total_steps: int
     warmup_steps: int = 0
     min_lr: float = 0.0
+    decay: str = "cosine"
 
     def __call__(self, step: int) -> float:
         W, T = self.warmup_steps, max(self.total_steps, 1)
         if step < W:
             return self.base_lr * (step + 1) / W
-        progress = min((step - W) / max(T - W, 1), 1.0)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        p = min((step - W) / max(T - W, 1), 1.0)
+        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if self.decay == "cosine" else 1.0 - p
+        return self.min_lr + (self.base_lr - self.min_lr) * shape
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vitlab.distill import TeacherNet
 from vitlab.errors import VitlabError
 from vitlab.images import open_image
 from vitlab.model import VisionTransformer
 from vitlab.preprocess import ImagePreprocess, to_rgb
 from vitlab.train.processor import read_preprocessor_config
+from vitlab.weights import CONFIG_NAME, read_json
 
 
 def load_image(path: str | Path, *, target_size: int | None = None) -> Image.Image:
@@ -44,14 +46,15 @@ class Prediction:
     probs: list[float]
 
 
-def load_run(run_dir: str | Path) -> tuple[VisionTransformer, dict, list[str]]:
-    """(model in eval mode, preprocessor config, class names) of a run dir."""
+def load_run(run_dir: str | Path) -> tuple[VisionTransformer | TeacherNet, dict, list[str]]:
+    """(model in eval mode, preprocessor config, class names) of a run dir (a ViT, or a CNN teacher's)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitlabError(f"run dir {run_dir} not found")
-    model = VisionTransformer.from_pretrained(run_dir)
+    teacher = read_json(run_dir / CONFIG_NAME).get("model_type") == TeacherNet.model_type
+    model = (TeacherNet if teacher else VisionTransformer).from_pretrained(run_dir)
     processor = read_preprocessor_config(run_dir)
-    names = VisionTransformer.read_class_names(run_dir) or [str(i) for i in range(model.cfg.num_classes)]
+    names = model.read_class_names(run_dir) or [str(i) for i in range(model.cfg.num_classes)]
     return model, processor, names
 
 

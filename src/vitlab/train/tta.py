@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 TTA_MODES = ("none", "flip", "flip-translate")
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}  # forward passes per image
 
 
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
