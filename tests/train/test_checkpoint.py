@@ -306,6 +306,22 @@ def test_restore_optimizer_round_trip_is_exact(tmp_path):
             assert torch.equal(v, b["state"][idx][k]), (idx, k)
 
 
+def test_restore_optimizer_takes_moments_of_a_scalar_parameter():
+    """A 0-d parameter (CLIP's logit scale) has 0-d moments: they are moments, not step counts."""
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    opt = torch.optim.AdamW([scale], lr=0.1)
+    (-scale).backward()  # a negative gradient: exp_avg < 0
+    opt.step()
+    tensors, meta = ckpt.optimizer_to_files(opt)
+    assert float(tensors["state.0.exp_avg"]) < 0
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.tensor(0.0))], lr=0.1)
+    ckpt.restore_optimizer(opt2, tensors, json.loads(json.dumps(meta)), source="ckpt")
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], tensors["state.0.exp_avg"])
+    tensors["state.0.exp_avg"] = tensors["state.0.exp_avg"].double()
+    with pytest.raises(ValueError, match="state.0.exp_avg is float64"):
+        ckpt.restore_optimizer(opt2, tensors, json.loads(json.dumps(meta)), source="ckpt")
+
+
 @pytest.mark.parametrize("corrupt, words", [
     (lambda t, m: t.update({"state.0.exp_avg": t["state.0.exp_avg"][:1]}), r"state.0.exp_avg is float32 \(1,"),
     (lambda t, m: t.update({"state.0.exp_avg": t["state.0.exp_avg"].double()}), "state.0.exp_avg is float64"),

@@ -95,9 +95,20 @@ def chosen(args: argparse.Namespace, names: Iterable[str]) -> dict:
 def refuse_overrides_on_resume(args: argparse.Namespace, overrides: dict) -> None:
     if not args.resume.strip():
         raise VitlabError("--resume needs the run directory to continue")
-    if overrides or args.out:
-        flags = ", ".join("--" + k.replace("_", "-") for k in [*overrides, *(["out"] if args.out else [])])
+    if overrides or args.out is not None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in [*overrides, *(["out"] if args.out is not None else [])])
         raise VitlabError(f"--resume continues {args.resume} with its saved settings; drop {flags}")
+
+
+def out_dir(out: str | None, name: str) -> Path:
+    """--out, else `default_out(name)`; an empty --out, or one that names a file, is a one-line error."""
+    if out is None:
+        return default_out(name)
+    if not out.strip():
+        raise VitlabError("--out needs a directory (leave it out for runs/<name>-<time>)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise VitlabError(f"--out {out} is a file, not a directory")
+    return Path(out)
 
 
 def default_out(name: str) -> Path:
@@ -158,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                         started_at=process_start())
     else:
         config = resolve_recipe(args.recipe, **overrides)
-        result = train(config, out=args.out or default_out(args.recipe), data=args.data, device=args.device,
+        result = train(config, out=out_dir(args.out, args.recipe), data=args.data, device=args.device,
                        progress=progress, download=args.download, recipe=args.recipe, overrides=overrides,
                        started_at=process_start())
     final = result.final

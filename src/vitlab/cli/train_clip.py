@@ -17,7 +17,7 @@ from vitlab.cli.train import (
     add_overrides,
     add_run_arguments,
     chosen,
-    default_out,
+    out_dir,
     refuse_overrides_on_resume,
 )
 from vitlab.train.guard import stops_on_sigterm
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                              started_at=process_start())
     else:
         config = ClipTrainConfig(**overrides)
-        result = train_clip(config, out=args.out or default_out(f"train-clip-{config.loss}"), data=args.data,
+        result = train_clip(config, out=out_dir(args.out, f"train-clip-{config.loss}"), data=args.data,
                             device=args.device, progress=progress, download=args.download,
                             started_at=process_start())
     loss = result["config"]["loss"]

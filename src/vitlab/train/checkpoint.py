@@ -125,7 +125,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         p = index[idx]
         for key, v in st.items():
             name = f"optimizer state.{idx}.{key}"
-            if isinstance(v, torch.Tensor) and v.dim() == 0:  # a step count
+            if isinstance(v, torch.Tensor) and v.dim() == 0 and (key == "step" or p.dim() > 0):  # a step count
                 if v.is_complex() or not math.isfinite(float(v)) or float(v) < 0:
                     raise VitlabError(f"{source}: {name} must be a finite count >= 0, got {v.item()!r}")
             elif isinstance(v, torch.Tensor):
@@ -267,6 +267,18 @@ def check_schedule(d: dict, source: str | Path) -> dict:
     check_count(d["total_steps"], "total_steps", where)
     check_count(d.get("warmup_steps", 0), "warmup_steps", where)
     return d
+
+
+def check_total_steps(state: dict, planned: int, *, timed: bool, source: str | Path) -> int:
+    """state.json's end of the run: the plan's (train_config.json), unless a time budget moved it; the
+    schedule ends there too. A forged counter cannot make a run go on for ever."""
+    total = state["total_steps"]
+    if not timed and total != planned:
+        raise VitlabError(f"{source}: field 'total_steps' ({total}) is not the {planned} steps the run's plan has")
+    if state["schedule"]["total_steps"] != max(total, 1):
+        raise VitlabError(f"{source}: field 'schedule.total_steps' ({state['schedule']['total_steps']}) is not "
+                          f"'total_steps' ({total})")
+    return total
 
 
 def check_record(record: dict, source: str | Path) -> dict:

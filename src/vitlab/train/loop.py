@@ -36,6 +36,7 @@ from vitlab.train.checkpoint import (
     SCRATCH_PREFIX,
     check_record,
     check_schedule,
+    check_total_steps,
     has_checkpoint,
     load_checkpoint,
     optimizer_to_files,
@@ -270,8 +271,9 @@ class Trainer:
         restore_rng(tensors["rng"], self.generators, source=source)
         self.step, self.epoch = state["step"], state["epoch"]
         self.elapsed_before, self.finished = state["elapsed_s"], state.get("finished", False)
-        self.total_steps = state["total_steps"]
         self.schedule = WarmupCosine(**check_schedule(state["schedule"], f"{source} state.json"))
+        self.total_steps = check_total_steps(state, self.total_steps, timed=self.budget is not None,
+                                             source=f"{source} state.json")
         self.guard.load_state_dict(state.get("guard", {}), source=f"{source} state.json")
         if self.budget is not None:
             self.budget.carry_over(self.elapsed_before)
