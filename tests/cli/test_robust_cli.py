@@ -29,10 +29,11 @@ STEPS_PER_EPOCH = 4
 # training step that follows step N; "epoch:N": after epoch N's checkpoint) writes SYNC_DIR/paused and waits
 # for SYNC_DIR/go.
 PAUSING = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
     from vitlab.cli import main
     from vitlab.train import loop
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a background job)
     sync, when, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     kind, n = when.split(":")
     n = int(n)
@@ -104,16 +105,20 @@ def reference(tmp_path_factory, data):
     return out
 
 
-def test_sigterm_stops_cleanly_and_the_run_resumes_bit_exactly(tmp_path, data, reference):
+@pytest.mark.parametrize("sig, code, what", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_cleanly_and_the_run_resumes_bit_exactly(tmp_path, data, reference, sig, code, what):
     run = tmp_path / "run"
     proc = start_paused(tmp_path / "sync", f"step:{STEPS_PER_EPOCH + 2}", "train", "--data", str(data),
                         "--out", str(run), *TINY)  # mid-epoch 2
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert one_line(err) == "vitlab: terminated (SIGTERM)"
-    assert f"terminated (SIGTERM); continue with: vitlab train --resume {run}" in out
+    assert proc.returncode == code, err
+    assert one_line(err) == f"vitlab: {what}"
+    assert f"{what}; continue with: vitlab train --resume {run}" in out
     assert not any(p.name.startswith(".") and p.name != ".vitlab-lock" for p in run.iterdir())  # no debris
+    if sig == signal.SIGINT:
+        return  # the same path from here on
     r = vitlab("train", "--resume", str(run))
     assert r.returncode == 0 and f"resuming {run} at epoch 2, step 4/12" in r.stdout, r.stderr
     assert same_weights(run, reference)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM during a training (vitlab.train.guard.Terminated): 143
-        print(f"vitlab: {e or 'interrupted'}", file=sys.stderr)
+        print(f"vitlab: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except (VitlabError, OSError) as e:
         if not is_user_error(e) or os.environ.get("VITLAB_DEBUG"):

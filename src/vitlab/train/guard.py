@@ -193,7 +193,7 @@ def diverged_message(trainer: Trainer, step: int, what: str, *, skipped: bool = 
     fixes = [f"a lower --lr (this one peaked at {c.lr:g})", "a longer --warmup-epochs",
              *(["--grad-clip 1"] if not c.grad_clip else []), *(["--on-nonfinite skip"] if not skipped else [])]
     return (f"{trainer.run_dir}: training diverged at step {step} ({what}); {last_good(trainer.run_dir)}. "
-            f"Start a new run with {', '.join(fixes[:-1])} or {fixes[-1]}")
+            f"Start a new run (another --out) with {', '.join(fixes[:-1])} or {fixes[-1]}")
 
 
 def last_good(run_dir: Path) -> str:
