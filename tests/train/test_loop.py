@@ -22,7 +22,8 @@ TINY = dict(model_args={"width": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "dro
 
 
 def tiny_run(out, cifar_dir, **kw):
-    return train(resolve_recipe("tutorial", **{**TINY, **kw}), out=out, data=cifar_dir, progress=False, log=lambda s: None)
+    config = resolve_recipe("tutorial", **{**TINY, **kw})
+    return train(config, out=out, data=cifar_dir, progress=False, log=lambda s: None)
 
 
 def weights(run_dir):
