@@ -1,13 +1,16 @@
-"""Wall-clock minutes to reach 64/70/80/85/90% CIFAR-10 test top-1 for each training recipe.
+"""Wall-clock minutes to reach 64/70/80/85/90% CIFAR-10 test top-1 for training recipes, and ablations.
 
-    python benchmarks/cifar10_time_to_accuracy.py [RECIPE ...] [--data DIR] [--set KEY=VALUE ...]
+    python benchmarks/cifar10_time_to_accuracy.py [RECIPE ...] [--set KEY=VALUE ...] [--tag NAME]
+    python benchmarks/cifar10_time_to_accuracy.py --ablation fast --minutes 5
 
-Trains each recipe (default: seed fast cpu-hour) with `vitlab.train.train`, exactly as `vitlab train
---recipe NAME` does, on the full training set with the test set evaluated after every epoch. Times come
-from the run's metrics.jsonl (`elapsed_s`: from the start of the run, data loading and evaluations
-included), so a threshold's time is that of the first epoch whose test top-1 reaches it. Writes
-benchmarks/results/cifar10_time_to_accuracy-<recipe>-<date>.json and appends one row per recipe to
-benchmarks/RESULTS.md. Run it on a quiet machine: a shared CPU can halve the throughput.
+Each run is `vitlab train --recipe NAME` in a fresh process, as a user starts it, so its time budget and
+the times here count from the process start (imports, data loading, evaluations, saving and a
+distillation teacher's training all included). A threshold's time is the end of the first epoch whose
+test top-1 reaches it (metrics.jsonl `elapsed_s`); the final top-1 is reported without and, where the
+recipe asks for it, with test-time augmentation. `--ablation BASE` runs BASE and then each lever of
+issue 12 switched on alone over it, all at the same `--minutes` budget, and tabulates the deltas.
+Writes benchmarks/results/*.json and rows in benchmarks/RESULTS.md. Run it on a quiet machine: a
+shared CPU can halve the throughput.
 """
 
 from __future__ import annotations
@@ -17,23 +20,37 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from results_md import RESULTS_MD, append_rows, table_row
 
-from vitlab.cli.train import parse_model_args
-from vitlab.train import RECIPES, resolve_recipe, train
-
 THRESHOLDS = (0.64, 0.70, 0.80, 0.85, 0.90)
 HERE = Path(__file__).resolve().parent
 
+# Issue 12's levers, each switched on alone over the ablation's base recipe (vitlab train flags).
+LEVERS = {
+    "conv stem": ["--model-arg", "stem=conv"],
+    "muon": ["--optimizer", "muon"],
+    "progressive resizing 16px->32px": ["--resize-schedule", "16:0.5"],
+    "distillation (teacher stage)": ["--teacher", "stage", "--model-arg", "distill_token=true"],
+    "gap pooling": ["--model-arg", "pooling=gap", "--model-arg", "class_token=false"],
+    "sequence pooling": ["--model-arg", "pooling=seq", "--model-arg", "class_token=false"],
+    "mlp ratio 4": ["--model-arg", "mlp_dim=512"],
+    "alternating flip": ["--alternate-flip"],
+    "label smoothing 0.2": ["--label-smoothing", "0.2"],
+    "ema 0.999": ["--ema", "0.999"],
+    "linear decay": ["--decay", "linear"],
+    "tta flip-translate": ["--tta", "flip-translate"],
+}
 
-def minutes_to(rows: list[dict], threshold: float) -> float | None:
+
+def minutes_to(rows: list[dict], threshold: float, key: str = "test_top1") -> float | None:
     """Minutes at the end of the first epoch whose test top-1 is >= threshold, None if never."""
     for r in rows:
-        if r["test_top1"] >= threshold:
+        if r.get(key) is not None and r[key] >= threshold:
             return round(r["elapsed_s"] / 60, 2)
     return None
 
@@ -56,61 +73,104 @@ def git_commit() -> str | None:
         return None
 
 
-def benchmark(recipe: str, *, data: str | None, device: str, runs_dir: Path, overrides: dict) -> dict:
-    config = resolve_recipe(recipe, **overrides)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = runs_dir / f"{recipe}-{stamp}"
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None) -> dict:
+    """`vitlab train --recipe RECIPE FLAGS` in a new process; the numbers of its run dir."""
+    cmd = [sys.executable, "-m", "vitlab", "train", "--recipe", recipe, "--out", str(run_dir), "--no-progress",
+           *(["--data", data] if data else []), *flags]
     t0 = time.perf_counter()
-    result = train(config, out=run_dir, data=data, device=device, recipe=recipe, overrides=overrides)
+    subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
-    rows = result.metrics
+    rows = read_rows(run_dir / "metrics.jsonl")
     record = json.loads((run_dir / "train_config.json").read_text())
+    final = rows[-1]
+    teacher = run_dir / "teacher" / "metrics.jsonl"
+    teacher_rows = read_rows(teacher) if teacher.is_file() else []
     return {
-        "benchmark": "cifar10_time_to_accuracy", "recipe": recipe, "overrides": overrides, "date": stamp,
+        "recipe": recipe, "flags": flags, "command": " ".join(["vitlab", *cmd[3:]]),
         "minutes_to": {f"{round(t * 100)}%": minutes_to(rows, t) for t in THRESHOLDS},
-        "final_test_top1": rows[-1]["test_top1"], "final_test_top5": rows[-1]["test_top5"],
-        "best_test_top1": max(r["test_top1"] for r in rows), "epochs": rows[-1]["epoch"],
-        "total_minutes": round(wall / 60, 2),
+        "final_test_top1": final["test_top1"], "final_test_top1_tta": final.get("test_top1_tta"),
+        "final_test_top5": final["test_top5"], "best_test_top1": max(r["test_top1"] for r in rows),
+        "epochs": final["epoch"], "steps": final["step"], "wall_minutes": round(wall / 60, 2),
+        "run_minutes": round(final["elapsed_s"] / 60, 2),
         "train_images_per_sec": round(statistics.median(r["images_per_sec"] for r in rows), 1),
+        "teacher_minutes": round(teacher_rows[-1]["elapsed_s"] / 60, 2) if teacher_rows else None,
+        "teacher_test_top1": teacher_rows[-1]["test_top1"] if teacher_rows else None,
         "params": record["model"]["params"], "model_config": record["model"]["config"],
-        "precision": record["plan"]["precision"], "device": record["device"], "cpu": cpu_name(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
-        "run_dir": str(run_dir), "per_epoch": [{k: r.get(k) for k in ("epoch", "elapsed_s", "test_top1")}
-                                               for r in rows],
+        "config": record["config"], "plan": record["plan"], "device": record["device"],
+        "per_epoch": [{k: r.get(k) for k in ("epoch", "elapsed_s", "test_top1")} for r in rows],
+        "run_dir": str(run_dir),
     }
+
+
+def describe(res: dict) -> str:
+    reached = ", ".join(f"{k} {v:.1f} min" if v is not None else f"{k} -" for k, v in res["minutes_to"].items())
+    tta = f" ({res['final_test_top1_tta']:.2%} with TTA)" if res["final_test_top1_tta"] is not None else ""
+    teacher = (f"; teacher {res['teacher_minutes']:.1f} min at {res['teacher_test_top1']:.2%}, counted"
+               if res["teacher_minutes"] is not None else "")
+    return (f"final top-1 {res['final_test_top1']:.2%}{tta} at {res['run_minutes']:.2f} min "
+            f"(process {res['wall_minutes']:.2f} min), {res['epochs']} epochs, {res['train_images_per_sec']:.0f} "
+            f"img/s{teacher}; time to {reached}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipes", nargs="*", default=["tutorial", "fast", "cpu-hour"], help=f"from {', '.join(RECIPES)}")
+    ap.add_argument("recipes", nargs="*", default=["sprint", "sprint-pure", "fast", "fast-pure", "cpu-hour",
+                                                   "cpu-hour-pure"])
+    ap.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                    help="an extra vitlab train flag for every run, e.g. --set time-budget=3")
+    ap.add_argument("--ablation", metavar="BASE", help="BASE and each lever alone over it, at --minutes each")
+    ap.add_argument("--minutes", type=float, default=5.0, help="the ablation's time budget (default 5)")
+    ap.add_argument("--only", action="append", default=[], help="ablation: only these levers (repeatable)")
+    ap.add_argument("--tag", default="", help="a label for the runs and rows")
     ap.add_argument("--data", help="CIFAR-10 directory (default: $VITLAB_DATA, else the cache)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a TrainConfig field for every recipe, e.g. epochs=2 (a quick check)")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--results", type=Path, default=RESULTS_MD)
     args = ap.parse_args()
-    unknown = [r for r in args.recipes if r not in RECIPES]
-    if unknown:
-        ap.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
-    overrides = parse_model_args(args.set)  # same KEY=VALUE parsing as --model-arg
-
+    extra = [part for item in args.set for part in ("--" + item.partition("=")[0], item.partition("=")[2])]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit()}
+    if args.ablation:
+        base_flags = ["--time-budget", f"{args.minutes:g}", *extra]
+        cases = {"(base)": []} | {k: v for k, v in LEVERS.items() if not args.only or k in args.only}
+        results = {}
+        for name, flags in cases.items():
+            slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace(">", "")
+            results[name] = run(args.ablation, base_flags + flags, run_dir=args.runs_dir / f"ablation-{stamp}-{slug}",
+                                data=args.data)
+            print(json.dumps({name: describe(results[name])}), flush=True)
+        out = args.out_dir / f"cifar10_ablation-{args.ablation}-{args.minutes:g}min-{stamp}.json"
+        out.write_text(json.dumps({"benchmark": "cifar10_ablation", "base": args.ablation, "minutes": args.minutes,
+                                   **env, "runs": results}, indent=2) + "\n")
+        base = results["(base)"]["final_test_top1"]
+        rows = []
+        for name, res in results.items():
+            tta = res["final_test_top1_tta"]
+            delta = "" if name == "(base)" else f"{100 * (res['final_test_top1'] - base):+.2f} pt"
+            if tta is not None:
+                delta += f" ({100 * (tta - base):+.2f} pt with TTA)"
+            rows.append(table_row([f"ablation {args.ablation} {args.minutes:g} min{' ' + args.tag if args.tag else ''}",
+                                   time.strftime("%Y-%m-%d"), f"{name}: `{res['command']}`",
+                                   f"{delta or 'base'}; {describe(res)}", f"results/{out.name}"]))
+        append_rows(rows, args.results)
+        return
     for recipe in args.recipes:
-        res = benchmark(recipe, data=args.data, device=args.device, runs_dir=args.runs_dir, overrides=overrides)
-        out = args.out_dir / f"cifar10_time_to_accuracy-{recipe}-{res['date']}.json"
+        res = run(recipe, extra, run_dir=args.runs_dir / f"{recipe}-{stamp}", data=args.data)
+        res.update(env, benchmark="cifar10_time_to_accuracy", date=stamp)
+        out = args.out_dir / f"cifar10_time_to_accuracy-{recipe}-{stamp}.json"
         out.write_text(json.dumps(res, indent=2) + "\n")
-        reached = ", ".join(f"{k} {v:.1f} min" if v is not None else f"{k} -" for k, v in res["minutes_to"].items())
-        setting = (f"recipe {recipe}{' ' + str(overrides) if overrides else ''}: {res['params'] / 1e6:.2f}M params, "
-                   f"{res['epochs']} epochs, {res['precision']}, {res['device']} {res['threads']} threads "
-                   f"({res['cpu']})")
-        result = (f"final top-1 {res['final_test_top1']:.2%} in {res['total_minutes']:.1f} min, "
-                  f"{res['train_images_per_sec']:.0f} img/s; time to {reached}")
-        append_rows([table_row(["cifar10_time_to_accuracy", time.strftime("%Y-%m-%d"), setting, result,
+        c = res["model_config"]
+        setting = (f"`{res['command']}`{' ' + args.tag if args.tag else ''}: {c['name']} "
+                   f"({'conv stem' if c.get('stem') == 'conv' else 'patchify'}) {res['params'] / 1e6:.2f}M params, "
+                   f"{res['plan']['precision']}, {env['threads']} threads ({env['cpu']})")
+        append_rows([table_row(["cifar10_time_to_accuracy", time.strftime("%Y-%m-%d"), setting, describe(res),
                                 f"results/{out.name}"])], args.results)
-        print(json.dumps({k: res[k] for k in ("recipe", "minutes_to", "final_test_top1", "total_minutes",
-                                              "train_images_per_sec")}))
+        print(json.dumps({recipe: describe(res)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """Every named recipe builds and trains: its own model, augmentation, precision and (cpu-hour) time budget,
 a few steps on a tiny synthetic train subset. Accuracy targets live in benchmarks/, not here."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from vitlab.model import VisionTransformer
+from vitlab.cli import main
+from vitlab.model import VisionTransformer, parse_variant
 from vitlab.train import RECIPES, build_model, resolve_recipe, train
+from vitlab.train.recipes import recipe_for_budget
+
+TIME_RECIPES = ["sprint", "sprint-pure", "fast", "fast-pure", "cpu-hour", "cpu-hour-pure"]
 
 
-@pytest.mark.parametrize("name", ["fast", "cpu-hour"])
+@pytest.mark.parametrize("name", TIME_RECIPES)
 def test_recipe_builds_and_steps(name, tmp_path, tiny_cifar):
     recipe = RECIPES[name]
     cfg = resolve_recipe(name, train_subset=32, test_subset=16, max_steps=2)
@@ -22,9 +27,13 @@ def test_recipe_builds_and_steps(name, tmp_path, tiny_cifar):
     for k, v in recipe.model_args.items():  # the recipe's own model, not the variant's defaults
         assert getattr(model.cfg, k) == v, k
     assert model.cfg.drop_path == recipe.drop_path
+    assert model.cfg.stem == ("patchify" if name.endswith("-pure") else "conv")
     record = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert record["config"]["augment"]["policy"] == recipe.augment.policy
     assert record["config"]["time_budget"] == recipe.time_budget and record["plan"]["total_steps"] == 2
+    assert record["config"]["optimizer"] == recipe.optimizer and record["config"]["tta"] == recipe.tta
+    if recipe.tta != "none":  # the final evaluation reports the TTA accuracy beside the plain one
+        assert "test_top1_tta" in result.final and "test_top1" in result.final
     if recipe.time_budget:  # the budget planned the run from measured step and epoch-end times
         assert record["plan"]["step_s"] > 0 and record["plan"]["epoch_end_s"] > 0
     init = build_model(cfg, image_size=32, num_classes=10)
@@ -33,7 +42,29 @@ def test_recipe_builds_and_steps(name, tmp_path, tiny_cifar):
 
 
 def test_recipes_name_their_models_and_the_old_seed_name_still_works():
-    assert {RECIPES[r].model for r in ("tutorial", "fast", "cpu-hour")} == {"tutorial", "cifar128", "cifar192"}
-    assert all(not RECIPES[r].model_args for r in ("tutorial", "fast", "cpu-hour"))  # the variant row is the model
+    models = {r: RECIPES[r].model for r in ["tutorial", *TIME_RECIPES]}
+    assert models == {"tutorial": "tutorial", "sprint": "conv128", "sprint-pure": "cifar128", "fast": "conv128",
+                      "fast-pure": "cifar128", "cpu-hour": "conv192", "cpu-hour-pure": "cifar192"}
+    assert all(not RECIPES[r].model_args for r in models)  # the variant row is the model
+    for name in TIME_RECIPES:  # a pure recipe is its conv-stem twin with the patchify model of the same shape
+        if name.endswith("-pure"):
+            twin = RECIPES[name.removesuffix("-pure")]
+            conv, pure = parse_variant(twin.model), parse_variant(RECIPES[name].model)
+            assert dataclasses.replace(conv, stem="patchify", name=pure.name) == pure
     with pytest.warns(FutureWarning, match="tutorial"):
         assert resolve_recipe("seed", epochs=2) == resolve_recipe("tutorial", epochs=2)
+
+
+@pytest.mark.parametrize(("minutes", "recipe"), [(None, "fast"), (0, "fast"), (3, "sprint"), (5, "sprint"),
+                                                 (15, "fast"), (30, "fast"), (60, "cpu-hour")])
+def test_a_time_budget_alone_picks_the_recipe_made_for_it(minutes, recipe):
+    assert recipe_for_budget(minutes) == recipe
+
+
+def test_cli_time_budget_without_recipe_runs_the_sprint(tmp_path, tiny_cifar):
+    out = tmp_path / "run"
+    argv = ["train", "--time-budget", "3", "--max-steps", "2", "--train-subset", "32", "--test-subset", "16",
+            "--data", str(tiny_cifar(tmp_path / "data")), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["recipe"] == "sprint" and record["config"]["model"] == "conv128"

@@ -17,6 +17,7 @@ from vitlab.cli.train import (
     add_overrides,
     add_run_arguments,
     chosen,
+    is_main_process,
     out_dir,
     refuse_overrides_on_resume,
 )
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         result = train_clip(config, out=out_dir(args.out, f"train-clip-{config.loss}"), data=args.data,
                             device=args.device, progress=progress, download=args.download,
                             started_at=process_start())
+    if not is_main_process():  # torchrun: rank 0 prints the result
+        return 0
     loss = result["config"]["loss"]
     print(f"{loss}: {result['steps']} steps, {result['images_seen']} images in {result['train_seconds']:.1f} s "
           f"({result['images_per_second']:.0f} img/s), final loss {result['final_loss']}")

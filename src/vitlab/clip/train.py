@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vitlab.clip.config import CLIPConfig, TextConfig
+from vitlab.clip.distributed import clip_loss_distributed, siglip_loss_distributed
 from vitlab.clip.model import CLIPModel, create_clip
 from vitlab.clip.tokenizer import ByteTokenizer
 from vitlab.clip.zeroshot import TEMPLATES, fill_template, zero_shot_classifier
@@ -30,8 +31,9 @@ from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig
 from vitlab.preprocess import ImagePreprocess
 from vitlab.speed import resolve_precision
-from vitlab.train.evaluate import evaluate
+from vitlab.train.distributed import get_world_size
 from vitlab.train.loop import Trainer, TrainResult, check_new_run_dir, read_run
+from vitlab.train.parallel import evaluate_sharded, first_per_node, joins_torchrun, restarted_run
 from vitlab.train.recipes import RunConfig
 from vitlab.train.runtime import resolve_device
 from vitlab.train.splits import load_splits
@@ -132,7 +134,7 @@ class ClipTask(Task):
     precisions = ("fp32", "bf16")  # the (images, ids) input has no single dtype for bf16-pure's cast
 
     def __init__(self, config: ClipTrainConfig, *, device: torch.device, data: str | Path | None = None,
-                 download: bool = False) -> None:
+                 download: bool | None = None) -> None:
         super().__init__(config, device=device)
         self.splits = load_splits(config, data, download=download)
         tr = self.splits.train
@@ -170,7 +172,7 @@ class ClipTask(Task):
         return (f"{model.kind} vision {v.width}w {v.depth}d /{v.patch_size}, text {t.width}w {t.depth}d "
                 f"({model.num_params() / 1e6:.2f}M params)")
 
-    def batch(self, index: torch.Tensor, step: int) -> Batch:
+    def batch(self, index: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
         y = self.labels[index]
         g = self.generators["augment"]
         x, _ = self.augment(self.images[index], y, g)  # (B, 3, H, W) normalised
@@ -180,10 +182,16 @@ class ClipTask(Task):
 
     def loss(self, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
         image_embeds, text_embeds = embeds.float()  # (2, B, E) -> (B, E), (B, E)
-        return self.model.loss(image_embeds, text_embeds)
+        m = self.model
+        if get_world_size() > 1:  # this rank's share of the global batch's loss: the other ranks' texts too
+            if m.logit_bias is None:
+                return clip_loss_distributed(image_embeds, text_embeds, m.logit_scale)
+            return siglip_loss_distributed(image_embeds, text_embeds, m.logit_scale, m.logit_bias)
+        return m.loss(image_embeds, text_embeds)
 
     @torch.no_grad()
-    def evaluate(self, model: CLIPModel, *, precision: str, progress: bool = False, limit: int | None = None) -> dict:
+    def evaluate(self, model: CLIPModel, *, precision: str, progress: bool = False, limit: int | None = None,
+                 final: bool = False) -> dict:
         """Zero-shot on test with the template ensemble: top-1, top-5 and cross-entropy over the class logits."""
         model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module's encoders
         was_training = model.training
@@ -191,10 +199,10 @@ class ClipTask(Task):
         classifier = zero_shot_classifier(model, self.tokenizer, self.splits.classes, self.config.templates)
         model.train(was_training)
         test = self.splits.test
-        res = evaluate(ZeroShotHead(model, classifier), test.images[:limit], test.labels[:limit],
-                       mean=self.splits.mean, std=self.splits.std, num_classes=test.num_classes,
-                       batch_size=self.config.eval_batch_size, device=self.device, precision=precision,
-                       progress=progress, desc="zero-shot")
+        res = evaluate_sharded(ZeroShotHead(model, classifier), test.images[:limit], test.labels[:limit],
+                               mean=self.splits.mean, std=self.splits.std, num_classes=test.num_classes,
+                               batch_size=self.config.eval_batch_size, device=self.device, precision=precision,
+                               progress=progress, desc="zero-shot")
         return res.summary("test_")
 
     def save(self, model: CLIPModel, run_dir: Path) -> None:
@@ -213,45 +221,50 @@ def save_run(model: CLIPModel, tokenizer: ByteTokenizer, out: str | Path, *, mea
     return model.save_pretrained(out, tokenizer=tokenizer, preprocess=preprocess)
 
 
+@joins_torchrun  # under torchrun: this rank's device, in the job's process group
 def train_clip(config: ClipTrainConfig, *, out: str | Path | None = None, data: str | Path | None = None,
-               device: str = "auto", progress: bool = True, download: bool = False,
+               device: str = "auto", progress: bool = True, download: bool | None = None,
                log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> dict:
     """Train into the run dir `out` (a temporary one, deleted afterwards, when None); returns `summary`."""
     if out is None:
         with tempfile.TemporaryDirectory(prefix="vitlab-train-clip-") as tmp:
             return train_clip(config, out=Path(tmp) / "run", data=data, device=device, progress=progress,
                               download=download, log=log, started_at=started_at)
+    if restarted_run(out):  # torchrun restarted this job (--max-restarts): go on from its checkpoint
+        return resume_clip(out, data=data, device=device, progress=progress, log=log, started_at=started_at)
     run_dir = check_new_run_dir(out)
-    task = ClipTask(config, device=resolve_device(device), data=data, download=download)
+    task = first_per_node(lambda: ClipTask(config, device=resolve_device(device), data=data, download=download))
     record = {"task": task.kind, "config": config.to_dict()}
-    result = Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at).run()
-    return summary(result, task)
+    trainer = Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at)
+    return summary(trainer.run(), task, global_batch=trainer.global_batch)
 
 
+@joins_torchrun
 def resume_clip(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto", progress: bool = True,
                 log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> dict:
     """Continue an interrupted `train-clip` run from its last checkpoint, exactly as if it had never stopped."""
     run_dir, record, config = read_run(run_dir, ClipTrainConfig, ClipTask)
-    task = ClipTask(config, device=resolve_device(device),
-                    data=data if data is not None else record.get("data", {}).get("root"))
-    result = Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True,
-                     started_at=started_at).run()
-    return summary(result, task)
+    data = data if data is not None else record.get("data", {}).get("root")
+    task = first_per_node(lambda: ClipTask(config, device=resolve_device(device), data=data))
+    trainer = Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True, started_at=started_at)
+    return summary(trainer.run(), task, global_batch=trainer.global_batch)
 
 
-def summary(result: TrainResult, task: ClipTask) -> dict:
-    """The run in one dict: steps, images, speed, final loss, zero-shot accuracy and the loss curve."""
+def summary(result: TrainResult, task: ClipTask, *, global_batch: int | None = None) -> dict:
+    """The run in one dict: steps, images, speed, final loss, zero-shot accuracy and the loss curve.
+    `global_batch`: images per step over all processes (default config.batch_size, one process)."""
     final, config = result.final, task.config
+    batch = global_batch or config.batch_size
     if not final:
         raise VitlabError(f"{result.run_dir}: no epoch was completed")
     steps, train_s, prev = final["step"], 0.0, 0
     for row in result.metrics:  # training time alone: each epoch's images over its speed
-        train_s += (row["step"] - prev) * config.batch_size / max(row["images_per_sec"], 1e-9)
+        train_s += (row["step"] - prev) * batch / max(row["images_per_sec"], 1e-9)
         prev = row["step"]
     curve = [{"step": r["step"], "seconds": r["elapsed_s"], "loss": r["loss"]} for r in result.steps]
     return {"config": config.to_dict(), "run_dir": str(result.run_dir), "steps": steps,
-            "images_seen": steps * config.batch_size, "train_seconds": round(train_s, 2),
-            "images_per_second": round(steps * config.batch_size / max(train_s, 1e-9), 1),
+            "images_seen": steps * batch, "train_seconds": round(train_s, 2),
+            "images_per_second": round(steps * batch / max(train_s, 1e-9), 1),
             "elapsed_seconds": final["elapsed_s"], "final_loss": curve[-1]["loss"] if curve else None,
             "zero_shot_accuracy": final["test_top1"], "zero_shot_top5": final["test_top5"],
             "eval_images": len(task.splits.test), "dataset": DATASET_NAMES.get(config.dataset, config.dataset),

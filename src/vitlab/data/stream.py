@@ -260,9 +260,12 @@ class StreamLoader:
         if self.train and len(self.sampler) == 0:
             raise VitlabError(f"{len(self.dataset)} images under {self.listing.top} make no full batch of "
                               f"{batch_size} per rank on {self.world_size} rank(s); lower --batch-size")
+        # generator: the workers' base seed is drawn from it at every epoch, not from the global torch RNG,
+        # whose dropout stream a resumed run must find where the checkpoint left it
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
                                  collate_fn=_collate, pin_memory=pin_memory, persistent_workers=workers > 0,
-                                 prefetch_factor=prefetch_factor if workers else None)
+                                 prefetch_factor=prefetch_factor if workers else None,
+                                 generator=torch.Generator().manual_seed(seed))
         self.epoch, self.position = 0, 0
         self.skipped = 0  # unreadable files met so far (each time one is met)
         self.skipped_files: dict[str, str] = {}  # path -> error, each file once

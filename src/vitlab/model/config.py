@@ -3,8 +3,9 @@
 Variants are decoded big_vision style from ONE table: "Ti/4" means the Ti width/depth/heads/MLP
 row with 4x4 patches. Besides big_vision's rows it holds the CIFAR-sized models the recipes train:
 "tutorial" is the model of Tin Nguyen's blog post "Implementing Vision Transformer (ViT) from Scratch"
-(48 wide, 4 deep, 4 heads, MLP 192, 32x32 images, 4x4 patches), and "cifar128" / "cifar192" are the
-`fast` and `cpu-hour` recipes' models.
+(48 wide, 4 deep, 4 heads, MLP 192, 32x32 images, 4x4 patches), "cifar128" / "cifar192" are the pure
+(patchify) models of the `*-pure` recipes, and "conv128" / "conv192" the same encoders behind a conv stem,
+the models of `sprint`, `fast` and `cpu-hour`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "tutorial": (48, 4, 4, 192),
     "cifar128": (128, 6, 4, 256),  # MLP ratio 2, as the 93.6% CIFAR ViT
     "cifar192": (192, 6, 3, 384),
+    "conv128": (128, 6, 4, 256),  # cifar128 behind a conv stem
+    "conv192": (192, 6, 3, 384),
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "M": (512, 12, 8, 2048),
@@ -37,7 +40,9 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 # Defaults a variant brings besides its row: the CIFAR-sized models are 32x32 /4 with 10 classes.
 _CIFAR = {"image_size": 32, "patch_size": 4, "num_classes": 10}
-VARIANT_DEFAULTS: dict[str, dict] = {"tutorial": _CIFAR, "cifar128": _CIFAR, "cifar192": _CIFAR}
+_CONV = {**_CIFAR, "stem": "conv"}
+VARIANT_DEFAULTS: dict[str, dict] = {"tutorial": _CIFAR, "cifar128": _CIFAR, "cifar192": _CIFAR,
+                                     "conv128": _CONV, "conv192": _CONV}
 # Old names that still work, with a warning.
 DEPRECATED_VARIANTS = {"seed": "tutorial"}  # "seed" read like the RNG argument: create_model("seed", seed=0)
 

@@ -99,4 +99,4 @@ class TrainStep:
         if not self.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), logits.detach()
+        return loss.detach(), torch.utils._pytree.tree_map(torch.Tensor.detach, logits)  # a tuple: both heads

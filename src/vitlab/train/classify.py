@@ -9,17 +9,52 @@ from pathlib import Path
 import torch
 
 from vitlab.data import BatchAugment
+from vitlab.distill import TeacherConfig, TeacherNet, distillation_loss
+from vitlab.errors import VitlabError
 from vitlab.model import VisionTransformer, create_model, parse_variant
-from vitlab.speed import soft_cross_entropy
-from vitlab.train.evaluate import evaluate
+from vitlab.model.hub import seeded
+from vitlab.speed import inference_forward, soft_cross_entropy
+from vitlab.train.finetune import init_model
+from vitlab.train.parallel import evaluate_sharded
 from vitlab.train.processor import write_preprocessor_config
 from vitlab.train.recipes import TrainConfig
+from vitlab.train.resize import ResizeSchedule
 from vitlab.train.splits import load_splits
 from vitlab.train.task import Batch, Task
 
 
-def build_model(config: TrainConfig, *, image_size: int, num_classes: int) -> VisionTransformer:
-    """The config's model at the data's image size and class count, initialised from `config.seed`."""
+def is_cnn(model: str) -> bool:
+    return model == "cnn" or model.startswith("cnn-")
+
+
+def check_model(config: TrainConfig) -> None:
+    """Fail on a bad model name or model_args before any data is loaded."""
+    if is_cnn(config.model):
+        TeacherConfig(widths=cnn_widths(config.model), **config.model_args)
+    else:
+        parse_variant(config.model, **config.model_args)
+
+
+def cnn_widths(model: str) -> tuple[int, int, int]:
+    """"cnn" -> the default widths; "cnn-32-64-128" -> (32, 64, 128)."""
+    try:
+        widths = tuple(int(w) for w in model.split("-")[1:]) or TeacherConfig.widths
+    except ValueError:
+        widths = ()
+    if len(widths) != 3:
+        raise VitlabError(f"model {model!r}: the CNN teacher is 'cnn' or 'cnn-W1-W2-W3', e.g. 'cnn-32-64-128'")
+    return widths
+
+
+def build_model(config: TrainConfig, *, image_size: int, num_classes: int) -> VisionTransformer | TeacherNet:
+    """The config's model at the data's image size and class count, initialised from `config.seed`.
+
+    `model="cnn"` (or "cnn-32-64-128" for the widths) is the CNN teacher of vitlab.distill instead of a ViT.
+    """
+    if is_cnn(config.model):
+        with seeded(config.seed):
+            return TeacherNet(TeacherConfig(widths=cnn_widths(config.model), num_classes=num_classes,
+                                            name=config.model, **config.model_args))
     cfg = parse_variant(config.model, **{"image_size": image_size, "num_classes": num_classes,
                                          "drop_path": config.drop_path, **config.model_args})
     return create_model(cfg, seed=config.seed)
@@ -31,9 +66,11 @@ class ClassifyTask(Task):
 
     kind = "classify"
     command = "vitlab train"
+    provenance: dict | None = None  # where fine-tuning weights came from (vitlab.train.finetune.init_from)
 
     def __init__(self, config: TrainConfig, *, device: torch.device, data: str | Path | None = None,
-                 download: bool = False) -> None:
+                 download: bool | None = None, teacher: str | Path | None = None) -> None:
+        """`teacher`: the CNN teacher's run dir (default `config.teacher`; a "stage" teacher's is given here)."""
         super().__init__(config, device=device)
         self.splits = load_splits(config, data, download=download)
         tr = self.splits.train
@@ -44,6 +81,22 @@ class ClassifyTask(Task):
         self.augment = BatchAugment(aug, num_classes=self.num_classes)
         self.mixing = (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0) and aug.mix_prob > 0
         self.generators = {"augment": torch.Generator(device=device).manual_seed(config.seed + 1)}
+        self.resize = ResizeSchedule.parse(config.resize_schedule, full=tr.image_size) \
+            if config.resize_schedule else None
+        self.total_steps, self.steps_per_epoch = 1, 1  # set by the loop (set_schedule)
+        if aug.alternate_flip:  # which images the first epoch flips; the next epochs alternate
+            self.augment = BatchAugment(dataclasses.replace(aug, flip=False), num_classes=self.num_classes)
+            g = torch.Generator().manual_seed(config.seed + 2)
+            self.first_flip = (torch.rand(len(tr), generator=g) < 0.5).to(device)
+        self.teacher = self.teacher_forward = None
+        teacher = teacher or config.teacher
+        if teacher:
+            if teacher == "stage":
+                raise VitlabError("teacher 'stage' is trained by vitlab.train.train(); give ClassifyTask its run dir")
+            self.teacher = TeacherNet.from_pretrained(teacher, map_location=device)
+            if self.teacher.cfg.num_classes != self.num_classes:
+                raise VitlabError(f"teacher {teacher} predicts {self.teacher.cfg.num_classes} classes, "
+                                  f"the data has {self.num_classes}")
 
     @property
     def train_size(self) -> int:
@@ -53,38 +106,86 @@ class ClassifyTask(Task):
     def eval_size(self) -> int:
         return len(self.splits.test) + (len(self.splits.val) if self.splits.val is not None else 0)
 
-    def build_model(self) -> VisionTransformer:
-        model = build_model(self.config, image_size=self.splits.train.image_size, num_classes=self.num_classes)
+    def build_model(self) -> VisionTransformer | TeacherNet:
+        if self.config.init:  # fine-tuning: the source's architecture and weights (vitlab.train.finetune)
+            model, self.provenance = init_model(self.config, image_size=self.splits.train.image_size,
+                                                num_classes=self.num_classes)
+        else:
+            model = build_model(self.config, image_size=self.splits.train.image_size, num_classes=self.num_classes)
+        if isinstance(model, TeacherNet):  # its fixed first layer whitens this data's 2x2 patches
+            model.init_whitening(self.augment.eval_transform(self.images[:5000].cpu()))
+            return model
         model.set_grad_checkpointing(self.config.grad_checkpointing)
+        if self.teacher is not None:
+            model.set_distilled_training(True)  # with a distillation token: both heads reach the loss
         return model
 
-    def describe(self, model: VisionTransformer) -> str:
+    def describe(self, model: VisionTransformer | TeacherNet) -> str:
         return model.summary()
 
-    def batch(self, index: torch.Tensor, step: int) -> Batch:
-        y = self.labels[index]
-        x, targets = self.augment(self.images[index], y, self.generators["augment"])  # (B, 3, H, W), (B, K)
+    def set_schedule(self, *, total_steps: int, steps_per_epoch: int) -> None:
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+
+    def input_sizes(self) -> list[int]:
+        return self.resize.sizes if self.resize is not None else [self.splits.train.image_size]
+
+    def step_size(self, step: int) -> int:
+        """The image size of step `step` (progressive resizing), the data's own without a schedule."""
+        return self.resize.size_at(step, self.total_steps) if self.resize is not None else \
+            self.splits.train.image_size
+
+    def work(self, step: int, total: int, cost: dict[int, float]) -> float:
+        """Steps `step`..`total`-1 in units of a full-size step, for the time budget."""
+        if self.resize is None:
+            return float(total - step)
+        return self.resize.work(step, total, cost)
+
+    def batch(self, index: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
+        """Augmented (B, 3, H, W) images and soft targets (B, K); at `size` (else the schedule's) px; with a
+        teacher, the targets are (soft targets, teacher logits on the full-size augmented images)."""
+        y, images = self.labels[index], self.images[index]
+        if self.config.augment.alternate_flip:
+            flip = self.first_flip[index] ^ bool((step // self.steps_per_epoch) % 2)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        x, targets = self.augment(images, y, self.generators["augment"])  # (B, 3, H, W), (B, K)
+        if self.teacher is not None:
+            if self.teacher_forward is None:  # a bf16 copy on CPU: the teacher only ever infers
+                self.teacher_forward = inference_forward(self.teacher, self.resolve_precision(self.config.precision))
+            targets = (targets, self.teacher_forward(x))
+        if self.resize is not None:
+            x = self.resize.resize(x, size or self.step_size(step))
         return Batch(x, targets, None if self.mixing else y, len(index))
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return soft_cross_entropy(logits, batch.targets)
+    def loss(self, outputs, batch: Batch) -> torch.Tensor:
+        if self.teacher is None:
+            return soft_cross_entropy(outputs, batch.targets)
+        targets, teacher_logits = batch.targets
+        c = self.config
+        return distillation_loss(outputs, targets, teacher_logits, mode=c.distill, alpha=c.distill_alpha,
+                                 tau=c.distill_tau)
 
-    def correct(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    def correct(self, outputs, batch: Batch) -> torch.Tensor | None:
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs  # distilled training: the class head
         return None if batch.labels is None else (logits.argmax(1) == batch.labels).sum()
 
-    def evaluate(self, model, *, precision: str, progress: bool = False, limit: int | None = None) -> dict:
-        """test_* (and val_* with a held-out split): loss, top1, top5; `limit`: the first N test images only."""
+    def evaluate(self, model, *, precision: str, progress: bool = False, limit: int | None = None,
+                 final: bool = False) -> dict:
+        """test_* (and val_* with a held-out split): loss, top1, top5; `limit`: the first N test images only.
+        The `final` evaluation also reports test_top1_tta / test_loss_tta with the config's TTA."""
         names = ["test"] if limit is not None or self.splits.val is None else ["test", "val"]
+        tta = [("", "none")] + ([("_tta", self.config.tta)] if final and self.config.tta != "none" else [])
         out = {}
         for name in names:
             ds = getattr(self.splits, name)
-            res = evaluate(model, ds.images[:limit], ds.labels[:limit], mean=self.splits.mean, std=self.splits.std,
-                           num_classes=self.num_classes, batch_size=self.config.eval_batch_size,
-                           device=self.device, precision=precision, progress=progress, desc=name)
-            out.update(res.summary(f"{name}_"))
+            for suffix, mode in tta:
+                res = evaluate_sharded(model, ds.images[:limit], ds.labels[:limit], mean=self.splits.mean,
+                                       std=self.splits.std, num_classes=self.num_classes,
+                                       batch_size=self.config.eval_batch_size, device=self.device,
+                                       precision=precision, progress=progress, desc=name, tta=mode)
+                out.update({k + suffix: v for k, v in res.summary(f"{name}_").items()})
         return out
 
-    def save(self, model: VisionTransformer, run_dir: Path) -> None:
+    def save(self, model: VisionTransformer | TeacherNet, run_dir: Path) -> None:
         model.save_pretrained(run_dir, class_names=self.splits.classes)
 
     def write_run_files(self, run_dir: Path) -> None:
@@ -93,4 +194,5 @@ class ClassifyTask(Task):
 
     def record(self, model: VisionTransformer) -> dict:
         return {"data": self.splits.info(self.config.dataset),
-                "model": {"variant": self.config.model, "params": model.num_params(), "config": model.cfg.to_dict()}}
+                "model": {"variant": self.config.model, "params": model.num_params(), "config": model.cfg.to_dict()},
+                **({"init": self.provenance} if self.provenance else {})}

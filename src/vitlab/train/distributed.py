@@ -84,8 +84,12 @@ def init_distributed(device: str | torch.device = "cpu", *, backend: str | None 
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)  # before the group, so NCCL binds each rank to its own GPU
-    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    # torchrun keeps its store through restarts (--max-restarts): each attempt gets its own keys, or the new
+    # processes would read the dead ones' addresses and fail to connect
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0}", store)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env
 
 

@@ -132,3 +132,19 @@ def freeze_backbone(model: nn.Module) -> list[str]:
     if not trainable:
         raise VitlabError("a linear probe needs a classifier head: the model has num_classes=0")
     return trainable
+
+
+def init_model(config, *, image_size: int, num_classes: int) -> tuple[VisionTransformer, dict]:
+    """The model a fine-tuning run (`config.init`, a TrainConfig) starts from, and its provenance.
+
+    drop_path and `model_args` (training fields only) apply to it; with `freeze_backbone` (a linear probe) only
+    the classifier trains and the backbone's dropout and drop path are 0, so its features stay the source's.
+    """
+    overrides = {"drop_path": config.drop_path, **config.model_args}
+    if config.freeze_backbone:
+        overrides.update(drop_path=0.0, dropout=0.0, attn_dropout=0.0)
+    model, provenance = init_from(config.init, image_size=image_size, num_classes=num_classes,
+                                  variant=config.variant or None, seed=config.seed, **overrides)
+    if config.freeze_backbone:
+        provenance["trainable"] = freeze_backbone(model)
+    return model, provenance

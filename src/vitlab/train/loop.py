@@ -29,7 +29,6 @@ import torch
 from tqdm import tqdm
 
 from vitlab.errors import VitlabError
-from vitlab.model import parse_variant
 from vitlab.speed import TrainStep
 from vitlab.train.budget import Budget, seconds_per_call
 from vitlab.train.checkpoint import (
@@ -45,15 +44,31 @@ from vitlab.train.checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from vitlab.train.classify import ClassifyTask
+from vitlab.train.classify import ClassifyTask, check_model
+from vitlab.train.distributed import all_reduce_sum, get_rank, get_world_size, shard_permutation
 from vitlab.train.ema import ModelEma
 from vitlab.train.guard import NonFiniteGuard, claim_run_dir, describe_stop
 from vitlab.train.metrics import CURVES_PNG, STEPS, MetricsLog, figures
 from vitlab.train.optim import WarmupCosine, create_optimizer
-from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig
+from vitlab.train.parallel import (
+    agreed,
+    batch_sizes,
+    data_parallel,
+    describe_batch,
+    gather_rng,
+    joins_torchrun,
+    launch_record,
+    read_epoch_sums,
+    restarted_run,
+    restore_rank_rng,
+    seed_rank,
+)
+from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig, resolve_recipe
 from vitlab.train.runtime import resolve_device
+from vitlab.train.streaming import classify_task
 from vitlab.train.task import Batch, Task
 from vitlab.train.tensorboard import open_tensorboard
+from vitlab.train.tta import TTA_VIEWS
 from vitlab.weights import load_into, read_json, write_json
 
 
@@ -73,29 +88,62 @@ class TrainResult:
 
 
 # ---- ViT classification: `vitlab train` ------------------------------------------------------------------
+@joins_torchrun  # under torchrun: this rank's device, in the job's process group
 def train(config: TrainConfig, *, out: str | Path, data: str | Path | None = None, device: str = "auto",
-          progress: bool = True, download: bool = False, recipe: str = "", overrides: dict | None = None,
+          progress: bool = True, download: bool | None = None, recipe: str = "", overrides: dict | None = None,
           log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
     """Train a new run into `out` (which must not already hold a run; use `resume` for that).
 
     `started_at`: the `time.perf_counter()` reading the time budget counts from (the CLI gives the process
     start); default now.
     """
+    if restarted_run(out):  # torchrun restarted this job (--max-restarts): go on from its checkpoint
+        return resume(out, data=data, device=device, progress=progress, log=log, started_at=started_at)
     run_dir = check_new_run_dir(out)
-    parse_variant(config.model, **config.model_args)  # a bad --model fails now, not after loading the data
-    task = ClassifyTask(config, device=resolve_device(device), data=data, download=download)
-    record = {"task": task.kind, "recipe": recipe, "overrides": overrides or {}, "config": config.to_dict()}
+    check_model(config)  # a bad --model fails now, not after loading the data
+    started_at = time.perf_counter() if started_at is None else started_at
+    teacher = teacher_stage(config, run_dir, data=data, device=device, progress=progress, download=download, log=log,
+                            started_at=started_at)
+    task = classify_task(config, device=resolve_device(device), data=data, download=download, teacher=teacher)
+    record = {"task": task.kind, "recipe": recipe, "overrides": overrides or {}, "config": task.config.to_dict()}
     return Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at).run()
 
 
+@joins_torchrun
 def resume(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto", progress: bool = True,
            log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
     """Continue the run in `run_dir` from its last checkpoint, exactly as if it had never stopped."""
     run_dir, record, config = read_run(run_dir, TrainConfig, ClassifyTask)
-    task = ClassifyTask(config, device=resolve_device(device),
-                        data=data if data is not None else record.get("data", {}).get("root"))
+    data = data if data is not None else record.get("data", {}).get("root")
+    teacher = teacher_stage(config, run_dir, data=data, device=device, progress=progress, log=log,
+                            started_at=started_at)
+    task = classify_task(config, device=resolve_device(device), data=data, teacher=teacher)
     return Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True,
                    started_at=started_at).run()
+
+
+TEACHER_DIR = "teacher"  # a "stage" teacher's own run dir, inside the student's
+
+
+def teacher_stage(config: TrainConfig, run_dir: Path, *, started_at: float | None, log: Callable[[str], None],
+                  **kw) -> Path | None:
+    """With `teacher="stage"`: train (or finish) the CNN teacher in RUN_DIR/teacher first and return its dir.
+
+    Under a time budget the teacher gets `teacher_share` of it, counted from the same start, so the student's
+    budget holds both: the teacher's time counts in the student's time to accuracy.
+    """
+    if config.teacher != "stage":
+        return None
+    teacher_dir = run_dir / TEACHER_DIR
+    if (teacher_dir / RUN_CONFIG).is_file():
+        return resume(teacher_dir, started_at=started_at, log=log, **{k: v for k, v in kw.items()
+                                                                      if k != "download"}).run_dir
+    budget = {"time_budget": config.time_budget * config.teacher_share} if config.time_budget else {}
+    tc = resolve_recipe(config.teacher_recipe, seed=config.seed, dataset=config.dataset,
+                        train_subset=config.train_subset, test_subset=config.test_subset,
+                        val_split=config.val_split, precision=config.precision, **budget)
+    log(f"distillation: training the teacher first ({tc.model}, recipe {config.teacher_recipe!r}) in {teacher_dir}")
+    return train(tc, out=teacher_dir, started_at=started_at, log=log, recipe=config.teacher_recipe, **kw).run_dir
 
 
 def check_new_run_dir(out: str | Path) -> Path:
@@ -141,31 +189,42 @@ class Trainer:
         self.progress, self.resuming, self.clock = progress, resuming, clock
         self.t0 = clock() if started_at is None else started_at  # elapsed time and the budget count from here
         self.device = task.device
-        self.rank, self.world_size = 0, 1  # one process; a distributed run sets these (only rank 0 writes)
+        self.rank, self.world_size = get_rank(), get_world_size()  # torchrun's (only rank 0 writes)
+        if self.rank:  # only rank 0 logs and shows progress
+            self.log, self.progress = (lambda s: None), False
         torch.manual_seed(c.seed)  # global RNG (CPU and CUDA): dropout and drop-path
 
         self.model = task.build_model().to(self.device)
+        seed_rank(task.generators, seed=c.seed)  # ranks > 0: their own dropout and augmentation streams
         self.forward = torch.compile(self.model) if c.compile else self.model  # for evaluation
         self.precision = record.get("plan", {}).get("precision") or task.resolve_precision(c.precision)
-        self.optimizer = create_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
+        self.optimizer = create_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas,
+                                          optimizer=c.optimizer, layer_decay=getattr(c, "layer_decay", 0.0) or None)
         self.train_step_fn = TrainStep(task.train_module(self.model), self.optimizer, precision=self.precision,
                                        compile=c.compile, clip_grad=c.grad_clip, loss_fn=task.loss,
                                        track_grad_norm=True, skip_nonfinite=c.on_nonfinite == "skip")
         self.ema = ModelEma(self.model, decay=c.ema) if c.ema else None
+        data_parallel(self.train_step_fn)  # several processes: DDP averages the gradients over them
         self.guard = NonFiniteGuard.for_trainer(self)  # NaN/Inf loss or gradient norm: stop, or skip the step
-        self.data_gen = torch.Generator().manual_seed(c.seed)  # epoch order, on the CPU
 
-        self.batch_size = min(c.batch_size, task.train_size)
-        self.steps_per_epoch = max(1, task.train_size // self.batch_size)  # drop the last partial batch, as timm
+        # per process and over all processes: --batch-size per process; a resumed run keeps its global batch
+        self.batch_size, self.global_batch = batch_sizes(c.batch_size, task.train_size, record.get("plan"))
+        self.steps_per_epoch = max(1, task.train_size // self.global_batch)  # drop the last partial batch, as timm
         self.total_steps = self.capped(max(1, round(c.epochs * self.steps_per_epoch)))  # a budget refits it
-        self.schedule = WarmupCosine(c.lr, self.total_steps, self.warmup_steps(self.total_steps), c.min_lr)
-        self.budget = Budget(c.time_budget * 60, steps_per_epoch=self.steps_per_epoch, clock=clock,
-                             start=self.t0) if c.time_budget else None
+        self.schedule = WarmupCosine(c.lr, self.total_steps, self.warmup_steps(self.total_steps), c.min_lr,
+                                     decay=c.decay)
+        # relative cost of a step at each input size (progressive resizing), measured by time_step
+        self.step_cost: dict = {size: 1.0 for size in task.input_sizes()}
+        uneven = len(self.step_cost) > 1
+        self.budget = Budget(c.time_budget * 60, steps_per_epoch=self.steps_per_epoch, clock=clock, start=self.t0,
+                             work=self.work if uneven else None) if c.time_budget else None
+        task.set_schedule(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.metrics = MetricsLog(self.run_dir)
         self.step_log = MetricsLog(self.run_dir, STEPS, columns=None)
         self.step, self.epoch, self.elapsed_before, self.finished = 0, 0, 0.0, False
         self.lr = c.lr
         self.epoch_stats: dict = {}  # train_loss, train_acc, images_per_sec of the last epoch
+        self.carried: dict = {}  # training sums of the epoch a mid-epoch checkpoint was taken in
         self.logged_total = self.total_steps  # the schedule length last reported in the log
         self.noted_no_plot = False
         self.tensorboard = None  # a vitlab.train.tensorboard.TensorBoardLog once run() starts, with --tensorboard
@@ -176,7 +235,7 @@ class Trainer:
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
-        return {"data": self.data_gen, **self.task.generators}
+        return dict(self.task.generators)  # the epoch order is a function of (seed, epoch): `epoch_order`
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -199,11 +258,12 @@ class Trainer:
         """Number of steps and schedule: from the record when resuming, else the epochs or the time budget."""
         plan = self.record.get("plan")
         if plan is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
             timed = {}
             if self.budget is not None:
                 timed = {"step_s": self.time_step(), "epoch_end_s": self.time_epoch_end()}
-                total = self.capped(self.budget.plan(step=0, **timed))
+                total = agreed(self.capped(self.budget.plan(step=0, **timed)) if self.is_main else None)  # rank 0's
                 self.set_total_steps(total)
                 self.schedule = dataclasses.replace(self.schedule, warmup_steps=self.warmup_steps(total))
                 self.log(f"time budget {self.config.time_budget:g} min: {timed['step_s']:.3f} s/step, "
@@ -211,22 +271,39 @@ class Trainer:
                          f"({total / self.steps_per_epoch:.1f} epochs)")
             plan = {"precision": self.precision, "total_steps": self.total_steps,
                     "warmup_steps": self.schedule.warmup_steps, "steps_per_epoch": self.steps_per_epoch,
-                    "batch_size": self.batch_size, **{k: round(v, 4) for k, v in timed.items()}}
+                    "batch_size": self.batch_size, "global_batch_size": self.global_batch,
+                    "world_size": self.world_size, **{k: round(v, 4) for k, v in timed.items()}}
+            if len(self.step_cost) > 1:
+                plan["step_cost"] = [[size, round(c, 4)] for size, c in self.step_cost.items()]
+            if self.budget is not None:
+                plan["exit_s"] = round(self.budget.exit_s, 3)
         elif self.budget is not None:  # resuming: go on from the first process's timings (a checkpoint's are newer)
             self.budget.load_state_dict({"step_s": plan.get("step_s", 0.0),
                                          "epoch_ends": [plan.get("epoch_end_s", 0.0)]})
+            self.budget.exit_s = plan.get("exit_s", self.budget.exit_s)
+        if "step_cost" in plan:
+            self.step_cost = {int(size): float(c) for size, c in plan["step_cost"]}
         self.set_total_steps(plan["total_steps"])
         self.schedule = dataclasses.replace(self.schedule, warmup_steps=plan["warmup_steps"])
         self.record["plan"] = plan
         self.logged_total = self.total_steps
 
     def set_total_steps(self, total: int) -> None:
-        """Move the end of the run (and of the cosine) to step `total`."""
+        """Move the end of the run (and of the cosine, and of the task's schedules) to step `total`."""
         self.total_steps = total
         self.schedule = dataclasses.replace(self.schedule, total_steps=max(total, 1))
+        self.task.set_schedule(total_steps=max(total, 1), steps_per_epoch=self.steps_per_epoch)
+
+    def work(self, step: int, total: int) -> float:
+        """Steps `step`..`total`-1 in units of a full-size step (for the time budget)."""
+        return self.task.work(step, total, self.step_cost)
+
+    def step_units(self, step: int) -> float:
+        return self.step_cost.get(self.task.step_size(step), 1.0)
 
     def time_step(self) -> float:
-        """Seconds per training step, measured on the real model, then undone.
+        """Seconds per training step (at the last input size; `step_cost` gets the others' relative cost),
+        measured on the real model, then undone.
 
         The weights, the optimizer state and every random generator come back as they were, so measuring
         changes nothing about the run (the same seed gives the same weights with or without it).
@@ -234,9 +311,14 @@ class Trainer:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer = copy.deepcopy(self.optimizer.state_dict())
         rng = rng_states(self.generators)
-        batch = self.task.batch(torch.arange(self.batch_size, device=self.device), 0)
-        seconds = seconds_per_call(lambda: self.train_step(batch), warmup=1, repeats=2, device=self.device,
-                                   clock=self.clock)
+        index = torch.arange(self.batch_size, device=self.device)
+        timed = {}
+        for size in self.step_cost:
+            batch = self.task.batch(index, 0, size=size)
+            timed[size] = seconds_per_call(lambda b=batch: self.train_step(b), warmup=1, repeats=2,
+                                           device=self.device, clock=self.clock)
+        seconds = timed[size]  # the last size: the data's own
+        self.step_cost = {s: t / seconds for s, t in timed.items()}
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(weights[k])
@@ -251,12 +333,16 @@ class Trainer:
         m = min(self.config.eval_batch_size, self.task.eval_size)
         t_eval = seconds_per_call(lambda: self.task.evaluate(self.eval_model, precision=self.precision, limit=m),
                                   warmup=1, repeats=1, device=self.device, clock=self.clock)
+        if not self.is_main:  # rank 0 writes, and its timings plan the run
+            return t_eval * self.task.eval_size / m
         rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.run_dir) as scratch:
             def save() -> None:
                 self.save(Path(scratch))
                 self.plot_curves(Path(scratch), rows)
             t_save = seconds_per_call(save, warmup=1, repeats=1, clock=self.clock)  # warmup: matplotlib's import
+        if self.budget is not None and getattr(self.config, "tta", "none") != "none":  # the final evaluation's views
+            self.budget.exit_s += t_eval * self.task.eval_size / m * (TTA_VIEWS[self.config.tta] - 1)
         return t_eval * self.task.eval_size / m + t_save
 
     def restore(self) -> None:
@@ -268,7 +354,9 @@ class Trainer:
         if self.ema is not None:
             load_into(self.ema.module, tensors["ema"], source=f"{source} EMA")
             self.ema.updates = state["ema_updates"]
-        restore_rng(tensors["rng"], self.generators, source=source)
+        restore_rank_rng(tensors["rng"], self.generators, seed=self.config.seed, step=state["step"], source=source)
+        self.task.load_state_dict(state.get("task") or {})
+        self.carried = read_epoch_sums(state, f"{source} state.json")  # a mid-epoch checkpoint's sums (rank 0)
         self.step, self.epoch = state["step"], state["epoch"]
         self.elapsed_before, self.finished = state["elapsed_s"], state.get("finished", False)
         self.schedule = WarmupCosine(**check_schedule(state["schedule"], f"{source} state.json"))
@@ -294,7 +382,7 @@ class Trainer:
             **self.task.record(self.model),
             "device": str(self.device), "torch": torch.__version__, "numpy": numpy.__version__,
             "vitlab": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "launch": launch_record(),
         })
         write_json(self.run_dir / RUN_CONFIG, self.record)
         self.task.write_run_files(self.run_dir)
@@ -321,7 +409,8 @@ class Trainer:
         self.write_run_files()
         self.tensorboard = open_tensorboard(self)
         self.log(f"training {self.task.describe(self.model)} on {self.task.train_size} images, {self.total_steps} "
-                 f"steps of {self.batch_size} ({self.num_epochs} epochs), {self.precision} on {self.device}")
+                 f"steps of {describe_batch(self.batch_size)} ({self.num_epochs} epochs), {self.precision} on "
+                 f"{self.device}")
         try:
             while not self.finished:
                 self.run_epoch()
@@ -342,8 +431,10 @@ class Trainer:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
     def epoch_order(self) -> torch.Tensor:
-        """This epoch's order of the training examples, on the device (a distributed rank takes its shard)."""
-        return torch.randperm(self.task.train_size, generator=self.data_gen).to(self.device)
+        """This rank's share of the epoch's order of the training examples, on the device: torch's
+        DistributedSampler draw (seed + epoch), so global batch k is the same whatever the number of ranks."""
+        return shard_permutation(self.task.train_size, seed=self.config.seed, epoch=self.epoch, rank=self.rank,
+                                 world_size=self.world_size, drop_last=True).to(self.device)
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, object]:
         """One optimizer step (`vitlab.speed.TrainStep`, the path `vitlab bench` times): (loss, outputs)."""
@@ -351,23 +442,26 @@ class Trainer:
 
     def run_epoch(self) -> None:
         """Train one pass over the data (or what is left of the run), then evaluate and save."""
-        bs, first = self.batch_size, self.step
-        order = self.epoch_order()
-        loss_sum = torch.zeros((), device=self.device)
-        correct: torch.Tensor | None = None
-        bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - first) * bs, unit="img", unit_scale=True,
+        bs, first = self.global_batch, self.step
+        start = self.step - self.epoch * self.steps_per_epoch  # > 0 when resumed from a mid-epoch checkpoint
+        batches = self.task.batches(self.epoch_order, epoch=self.epoch, start=start, batch_size=self.batch_size,
+                                    step=self.step)
+        carried, self.carried = self.carried, {}  # a mid-epoch checkpoint's sums so far (rank 0 holds them)
+        loss_sum = torch.full((), carried.get("loss", 0.0), device=self.device)
+        correct = None if carried.get("correct") is None else torch.tensor(carried["correct"], device=self.device)
+        bar = tqdm(total=min(self.steps_per_epoch - start, self.total_steps - first) * bs, unit="img", unit_scale=True,
                    desc=f"epoch {self.epoch + 1}/{self.num_epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.is_main), mininterval=1.0)
         self.model.train()
         t_epoch, stopped = self.clock(), False
-        for i in range(self.steps_per_epoch):
+        for i in range(start, self.steps_per_epoch):
             if self.step >= self.total_steps:
                 break
-            if self.budget is not None and self.budget.should_stop():
+            if self.budget is not None and agreed(self.budget.should_stop(units=self.step_units(self.step))):
                 stopped = True
                 self.log(f"time budget reached at step {self.step}/{self.total_steps}; stopping")
                 break
-            batch = self.task.batch(order[i * bs:(i + 1) * bs], self.step)
+            batch = next(batches)
             self.lr = self.schedule.apply(self.optimizer, self.step)
             loss, outputs = self.train_step(batch)
             self.step += 1
@@ -378,10 +472,13 @@ class Trainer:
                 correct = n_right if correct is None else correct + n_right
             self.after_step(batch, loss, outputs)
             if self.budget is not None:
-                self.budget.observe_step()
-                if self.budget.refit_due():
+                self.budget.observe_step(units=self.step_units(self.step - 1))
+                if agreed(self.budget.refit_due()):
                     self.refit()
-                    bar.total = min(self.steps_per_epoch, max(self.total_steps - first, 0)) * bs
+                    bar.total = min(self.steps_per_epoch - start, max(self.total_steps - first, 0)) * bs
+            every = self.config.checkpoint_every
+            if every and self.step % every == 0 and i + 1 < self.steps_per_epoch and self.step < self.total_steps:
+                self.checkpoint(loss_sum, correct)
             bar.update(bs)
             if self.step % self.config.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
@@ -389,14 +486,17 @@ class Trainer:
         done = self.step - first
         if done:
             self.log_step(loss)
+        counted = self.step - self.epoch * self.steps_per_epoch  # this epoch's steps, before a resume too
         self.epoch += 1
+        sums = all_reduce_sum({"loss": loss_sum, "correct": 0 if correct is None else correct})  # over the ranks
         self.epoch_stats = {
-            "train_loss": (loss_sum / done).item() if done else None,
-            "train_acc": correct.item() / (done * bs) if correct is not None else None,
+            "train_loss": sums["loss"] / (counted * self.world_size) if done else None,
+            "train_acc": sums["correct"] / (counted * bs) if correct is not None else None,
             "images_per_sec": done * bs / max(self.clock() - t_epoch, 1e-9),
         }
         finished = stopped or self.step >= self.total_steps
-        if not finished and self.budget is not None and self.budget.should_stop(after_epoch_end=True):
+        if not finished and self.budget is not None and \
+                agreed(self.budget.should_stop(after_epoch_end=True, units=self.step_units(self.step))):
             finished = True
             self.log(f"time budget: no room for another step after this evaluation; stopping at step "
                      f"{self.step}/{self.total_steps}")
@@ -429,7 +529,7 @@ class Trainer:
         The first plan came from a few timed steps; a shared machine can run slower or faster since. Moving
         the end of the cosine a little at each refit keeps the schedule whole, where the hard stop would cut it.
         """
-        total = self.capped(self.budget.fit(self.step))
+        total = agreed(self.capped(self.budget.fit(self.step)))  # rank 0's: every rank takes as many steps
         if total != self.total_steps:
             self.set_total_steps(total)
             if abs(total - self.logged_total) > max(0.05 * self.logged_total, 10):  # news, not jitter
@@ -442,15 +542,17 @@ class Trainer:
         self.guard.check(self, weights=True)  # every step (and the weights) read before evaluating and saving
         t = self.clock()
         row = {"epoch": self.epoch, "step": self.step, **self.epoch_stats}
-        row.update(self.task.evaluate(self.eval_model, precision=self.precision, progress=self.progress))
+        row.update(self.task.evaluate(self.eval_model, precision=self.precision, progress=self.progress,
+                                      final=finished))
         row["lr"] = self.lr
         row["elapsed_s"] = round(self.elapsed(), 2)
         self.metrics.append(row)
         self.finished = finished
+        rng = gather_rng(self.generators)  # every rank's (a collective)
         if self.is_main:
             self.metrics.write()
             self.step_log.write()
-            self.save(self.run_dir, elapsed=row["elapsed_s"])
+            self.save(self.run_dir, elapsed=row["elapsed_s"], rng=rng)
         self.after_eval(row, seconds=self.clock() - t)
 
     def after_eval(self, row: dict, *, seconds: float) -> None:
@@ -475,7 +577,7 @@ class Trainer:
         if self.budget is not None:
             return max(self.budget.left(), 0.0) / 60
         steps = self.total_steps - self.step
-        train_s = steps * self.batch_size / max(self.epoch_stats["images_per_sec"], 1e-9)
+        train_s = steps * self.global_batch / max(self.epoch_stats["images_per_sec"], 1e-9)
         return (train_s + math.ceil(steps / self.steps_per_epoch) * eval_s) / 60
 
     def plot_curves(self, run_dir: Path, rows: list[dict]) -> Path | None:
@@ -485,11 +587,28 @@ class Trainer:
         fig = plots.plot_curves(rows, title=f"{self.run_dir.name}: {self.task.describe(self.model)}")
         return plots.save_figure(fig, run_dir / CURVES_PNG)
 
-    def save(self, run_dir: Path, *, elapsed: float = 0.0) -> None:
+    def checkpoint(self, loss_sum: torch.Tensor, correct: torch.Tensor | None) -> None:
+        """A mid-epoch checkpoint (config.checkpoint_every): what a resume needs, without evaluating, with the
+        epoch's training loss and accuracy sums so far (over the ranks)."""
+        rng = gather_rng(self.generators)
+        sums = all_reduce_sum({"loss": loss_sum, "correct": 0 if correct is None else correct})
+        sums = {"loss": sums["loss"] / self.world_size, "correct": None if correct is None else int(sums["correct"])}
+        if self.is_main:
+            self.step_log.write()
+            self.write_checkpoint(self.run_dir, elapsed=round(self.elapsed(), 2), rng=rng, epoch_sums=sums)
+
+    def save(self, run_dir: Path, *, elapsed: float = 0.0, rng: dict | None = None) -> None:
         """The run's weights (EMA when on) as the task's model dir, then the resumable checkpoint."""
         self.task.save(self.ema.module if self.ema is not None else self.model, run_dir)
+        self.write_checkpoint(run_dir, elapsed=elapsed, rng=rng)
+
+    def write_checkpoint(self, run_dir: Path, *, elapsed: float, rng: dict | None = None,
+                         epoch_sums: dict | None = None) -> None:
+        """`rng`: every rank's generator states (`gather_rng`), default this process's; `epoch_sums`: a
+        mid-epoch checkpoint's training sums."""
         opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
-        tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng_states(self.generators)}
+        tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors,
+                   "rng": rng if rng is not None else rng_states(self.generators)}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         state = {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
@@ -497,5 +616,6 @@ class Trainer:
                  "ema_updates": self.ema.updates if self.ema is not None else 0,
                  "elapsed_s": elapsed, "finished": self.finished,
                  "budget": self.budget.state_dict() if self.budget is not None else None,
-                 "guard": self.guard.state_dict()}
+                 "guard": self.guard.state_dict(), "task": self.task.state_dict(), "world_size": self.world_size,
+                 "epoch_sums": epoch_sums or {}}
         save_checkpoint(run_dir, tensors=tensors, state=state)

@@ -18,9 +18,14 @@ import warnings
 from dataclasses import dataclass, field
 
 from vitlab.data import AugmentConfig
+from vitlab.data.stream import DATA_MODES
+from vitlab.distill.losses import DISTILL_MODES
 from vitlab.errors import VitlabError, check_fields
 from vitlab.speed import PRECISIONS
 from vitlab.train.guard import ON_NONFINITE
+from vitlab.train.optim import DECAYS, OPTIMIZERS
+from vitlab.train.resize import parse_resize_schedule
+from vitlab.train.tta import TTA_MODES
 
 RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in every run dir
 
@@ -49,6 +54,8 @@ class RunConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     on_nonfinite: str = "stop"  # NaN/Inf loss or gradient norm: stop (keep the last good checkpoint) | skip the step
     ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); 0 = off. The EMA is evaluated and saved.
+    optimizer: str = "adamw"  # adamw | muon (torch's Muon for the hidden matrices, AdamW for the rest)
+    decay: str = "cosine"  # learning rate after warmup: cosine | linear (to min_lr; robust under a budget)
     # ---- execution -------------------------------------------------------------------------------------
     precision: str = "auto"  # fp32 | bf16 (autocast) | bf16-pure | auto (vitlab.speed.resolve_precision)
     compile: bool = False  # torch.compile the model
@@ -57,6 +64,7 @@ class RunConfig:
     log_every: int = 10  # optimizer steps between points of the per-step loss log (steps.jsonl)
     seed: int = 0
     tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tb (vitlab.train.tensorboard)
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (long epochs, torchrun restarts); 0 = off
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -74,9 +82,12 @@ class RunConfig:
         need(self.train_subset >= 0 and self.test_subset >= 0 and self.time_budget >= 0 and self.max_steps >= 0,
              "train_subset, test_subset, time_budget and max_steps must be >= 0")
         need(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         need(self.on_nonfinite in ON_NONFINITE,
              f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, not {self.on_nonfinite!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        need(self.decay in DECAYS, f"decay must be one of {', '.join(DECAYS)}, not {self.decay!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,11 +115,54 @@ class TrainConfig(RunConfig):
     model_args: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"width": 96, "depth": 6}
     drop_path: float = 0.0  # stochastic depth of the last block (linear from 0)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    # ---- speedrun levers (issue 12) --------------------------------------------------------------------
+    resize_schedule: str = ""  # "16:0.4,24:0.7": 16 px until 40% of the steps, 24 px until 70%, then full size
+    teacher: str = ""  # distil from this CNN teacher run dir ("stage" trains one first, inside the budget)
+    teacher_recipe: str = "teacher"  # the recipe a "stage" teacher trains with
+    teacher_share: float = 0.2  # under a time budget: the share of it the "stage" teacher gets
+    distill: str = "hard"  # hard | soft (DeiT); through the distillation token when the model has one
+    distill_alpha: float = 0.5  # soft distillation: weight of the teacher term
+    distill_tau: float = 1.0  # soft distillation: temperature
+    tta: str = "none"  # none | flip | flip-translate: the final evaluation also reports test_top1_tta
+    # ---- scale-out (issue 13): image folders read from disk, fine-tuning -------------------------------
+    data_mode: str = "auto"  # image folders: memory | stream (decoded by DataLoader workers) | auto (memory if it fits)
+    image_size: int = 0  # image folders: side the images are decoded and cropped to; 0 = 32
+    workers: int = 2  # data_mode stream: decoding processes per rank
+    memory_share: float = 0.5  # data_mode auto: stream when the decoded folder needs more of the available memory
+    init: str = ""  # fine-tune from these weights: a vitlab / Hugging Face model dir, or a timm safetensors file
+    variant: str = ""  # with init: the vitlab variant of a bare timm file (no config.json), e.g. Ti/16
+    layer_decay: float = 0.0  # layer-wise lr decay (0.75: each layer below the head at 0.75x the lr); 0 = off
+    freeze_backbone: bool = False  # train the classifier only: a linear probe of the init weights
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.drop_path < 1:
             raise VitlabError(f"invalid training config: drop_path must be in [0, 1), got {self.drop_path}")
+        if self.distill not in DISTILL_MODES or not 0 <= self.distill_alpha <= 1 or self.distill_tau <= 0:
+            raise VitlabError(f"invalid training config: distill must be one of {', '.join(DISTILL_MODES)}, "
+                              f"distill_alpha in [0, 1], distill_tau > 0")
+        if self.tta not in TTA_MODES:
+            raise VitlabError(f"invalid training config: tta must be one of {', '.join(TTA_MODES)}, not {self.tta!r}")
+        if not 0 < self.teacher_share < 1:
+            raise VitlabError(f"invalid training config: teacher_share must be in (0, 1), got {self.teacher_share}")
+        parse_resize_schedule(self.resize_schedule)  # a bad schedule fails now
+        check_scaleout(self)
+
+
+def check_scaleout(c: TrainConfig) -> None:
+    """The issue-13 fields of a TrainConfig (data mode, fine-tuning) are consistent."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise VitlabError(f"invalid training config: {msg}")
+
+    need(c.data_mode in DATA_MODES, f"data_mode must be one of {', '.join(DATA_MODES)}, not {c.data_mode!r}")
+    need(c.image_size >= 0 and c.workers >= 0, "image_size and workers must be >= 0")
+    need(c.dataset == "folder" or c.image_size in (0, 32), "image_size sets the side of image folders' images; "
+         f"{c.dataset} images are 32x32")
+    need(0 < c.memory_share <= 1, f"memory_share must be in (0, 1], got {c.memory_share}")
+    need(0 <= c.layer_decay <= 1, f"layer_decay must be in [0, 1] (0: off), got {c.layer_decay}")
+    need(c.init or not (c.freeze_backbone or c.variant),
+         "freeze_backbone and variant describe the init weights: give init (--init SRC)")
 
 
 # Light augmentation for short runs: crop + flip + label smoothing. Policies and mixing regularise, which a
@@ -125,31 +179,77 @@ RECIPES: dict[str, TrainConfig] = {
         model="tutorial", epochs=30, batch_size=256, lr=1e-3, warmup_epochs=1, weight_decay=0.0, grad_clip=0.0,
         augment=AugmentConfig(crop_padding=0, policy="none", mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0),
     ),
-    # DEFAULT, ~15 minutes here: 12 epochs of a 128-wide, 6-deep /4 model (0.81M parameters, MLP ratio 2 as
-    # the 93.6% CIFAR ViT; 4 heads of 32). Wider than that sees too few epochs in 15 minutes, narrower
-    # underfits. AdamW at 2e-3 (batch 256): a small model warmed up for an epoch takes it, and a short run
-    # needs the large steps; wd 0.05 and label smoothing 0.1 as DeiT; random crop (pad 4) + flip only.
-    "fast": TrainConfig(
-        model="cifar128",
-        epochs=12, batch_size=256, lr=2e-3, warmup_epochs=1, weight_decay=0.05, grad_clip=1.0,
-        augment=_LIGHT,
+    # The time-budget recipes (issue 12). Each feature measured alone over the old `fast` at equal epochs
+    # (ablation table in benchmarks/RESULTS.md): a conv stem (CCT-like, ~23% fewer img/s) learns far more per
+    # image than 4x4 patchify, and Muon for the hidden matrices adds the next largest step; sequence pooling,
+    # GAP and a 16 px start did not pay at these lengths. Flip TTA is nearly free, flip + translate pays
+    # where the final evaluation is a small share of the run. `*-pure` keep the patchify ViT's best.
+    # 3 minutes (`vitlab train --time-budget 3` picks it): ~2 epochs of the conv-stem 128/6 model.
+    "sprint": TrainConfig(
+        model="conv128", optimizer="muon", epochs=3, batch_size=256, lr=2e-3, warmup_epochs=0.5,
+        weight_decay=0.05, grad_clip=1.0, augment=_LIGHT, tta="flip", time_budget=3,
     ),
-    # 60 minutes (a time budget: as many steps as fit, ~30+ epochs here; --time-budget 0 --epochs N for a
-    # fixed length) of 192 wide, 6 deep (1.8M parameters; 3 heads of 64, ~10% faster on a CPU than 6 of
-    # 32). Enough epochs that TrivialAugment (one random op per image, nothing to tune) and a
-    # little stochastic depth pay for themselves; mixup/cutmix stay off, they need 100+ epochs. No EMA:
-    # the cosine to zero already averages the last epochs. Warmup 2 epochs for the wider model.
+    "sprint-pure": TrainConfig(
+        model="cifar128", optimizer="muon", epochs=3, batch_size=256, lr=2e-3, warmup_epochs=0.5,
+        weight_decay=0.05, grad_clip=1.0, augment=_LIGHT, tta="flip", time_budget=3,
+    ),
+    # DEFAULT, ~15 minutes here (a fixed length: 10 epochs; --time-budget 15 fits it to the clock instead):
+    # the conv-stem 128/6 model (MLP ratio 2 as the 93.6% CIFAR ViT; 4 heads of 32) with Muon. Wider sees too
+    # few epochs in 15 minutes. lr 2e-3 (batch 256) after a one-epoch warmup: a short run needs the large
+    # steps; wd 0.05 and label smoothing 0.1 as DeiT; random crop (pad 4) + flip only.
+    "fast": TrainConfig(
+        model="conv128", optimizer="muon", epochs=10, batch_size=256, lr=2e-3, warmup_epochs=1,
+        weight_decay=0.05, grad_clip=1.0, augment=_LIGHT, tta="flip-translate",
+    ),
+    "fast-pure": TrainConfig(
+        model="cifar128", optimizer="muon", epochs=12, batch_size=256, lr=2e-3, warmup_epochs=1,
+        weight_decay=0.05, grad_clip=1.0, augment=_LIGHT, tta="flip-translate",
+    ),
+    # 60 minutes (a time budget: as many steps as fit; --time-budget 0 --epochs N for a fixed length) of
+    # 192 wide, 6 deep (3 heads of 64, ~10% faster on a CPU than 6 of 32) behind the conv stem, with Muon.
+    # Enough epochs that TrivialAugment (one random op per image, nothing to tune) and a little stochastic
+    # depth pay for themselves; mixup/cutmix stay off, they need 100+ epochs. No EMA: the decay to zero
+    # already averages the last epochs. Warmup 2 epochs for the wider model.
     "cpu-hour": TrainConfig(
-        model="cifar192",
-        epochs=30, batch_size=256, lr=1.5e-3, warmup_epochs=2, weight_decay=0.05, grad_clip=1.0,
-        drop_path=0.05, augment=dataclasses.replace(_LIGHT, policy="trivial"), time_budget=60,
+        model="conv192", optimizer="muon", epochs=30, batch_size=256, lr=1.5e-3, warmup_epochs=2,
+        weight_decay=0.05, grad_clip=1.0, drop_path=0.05, augment=dataclasses.replace(_LIGHT, policy="trivial"),
+        tta="flip-translate", time_budget=60,
+    ),
+    "cpu-hour-pure": TrainConfig(
+        model="cifar192", optimizer="muon", epochs=30, batch_size=256, lr=1.5e-3, warmup_epochs=2,
+        weight_decay=0.05, grad_clip=1.0, drop_path=0.05, augment=dataclasses.replace(_LIGHT, policy="trivial"),
+        tta="flip-translate", time_budget=60,
+    ),
+    # The CNN teacher for distillation (vitlab.distill.TeacherNet, airbench-style): trained like any run,
+    # `vitlab train --recipe teacher`, or first inside a student's run with --teacher stage.
+    "teacher": TrainConfig(
+        model="cnn-32-64-128", epochs=10, batch_size=256, lr=1e-2, warmup_epochs=1, weight_decay=0.05,
+        grad_clip=1.0, augment=dataclasses.replace(_LIGHT, crop_padding=2, label_smoothing=0.2),
+    ),
+    # Fine-tuning pretrained weights (`--recipe finetune --init SRC`; the architecture is SRC's): the usual
+    # ViT fine-tuning defaults (BEiT / DeiT III) scaled to small datasets: a low peak lr with layer-wise decay
+    # 0.75, so the lower blocks move least; a one-epoch warmup; light augmentation, no mixup/cutmix; drop path
+    # 0.1. Small sets (a few hundred images) need more epochs than big ones: 30 (benchmarks/finetune.py).
+    "finetune": TrainConfig(
+        model="cifar128", epochs=30, batch_size=64, lr=5e-4, warmup_epochs=1, weight_decay=0.05, grad_clip=1.0,
+        drop_path=0.1, layer_decay=0.75, augment=_LIGHT,
     ),
 }
+NEEDS_INIT = ("finetune",)  # recipes that start from pretrained weights (--init)
 DEFAULT_RECIPE = "fast"
+# `--time-budget N` without --recipe: the recipe made for that length (N minutes <= the bound).
+BUDGET_RECIPES = ((5, "sprint"), (30, "fast"), (float("inf"), "cpu-hour"))
 DEPRECATED_RECIPES = {"seed": "tutorial"}  # old names that still work, with a warning
 
 # Flags that reshape the augmentation; the CLI passes them flat, they land in `augment`.
 AUGMENT_FIELDS = {f.name for f in dataclasses.fields(AugmentConfig)} - {"mean", "std"}
+
+
+def recipe_for_budget(minutes: float | None) -> str:
+    """The recipe `vitlab train --time-budget MINUTES` runs when no --recipe is given."""
+    if not minutes:
+        return DEFAULT_RECIPE
+    return next(name for bound, name in BUDGET_RECIPES if minutes <= bound)
 
 
 def resolve_recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:

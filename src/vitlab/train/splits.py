@@ -52,13 +52,19 @@ def subset(ds: ImageDataset, index: torch.Tensor) -> ImageDataset:
     return ImageDataset(ds.images[index], ds.labels[index], ds.classes)
 
 
-def load_splits(config: TrainConfig, data: str | Path | None = None, *, download: bool = False) -> Splits:
+def load_splits(config: TrainConfig, data: str | Path | None = None, *, download: bool | None = None) -> Splits:
     """Load train and test of `config.dataset`, hold out `val_split` of train, apply the subsets.
 
     The validation images are a seeded random draw (seed = config.seed), the same on every resume.
+    `download`: CIFAR only; None downloads a missing dataset into the cache dir (vitlab.data.cifar).
+    With `data_mode` "stream" an image folder stays on disk (vitlab.train.streaming).
     """
+    from vitlab.train.streaming import folder_image_size, stream_splits  # it builds on this module
+
+    if getattr(config, "data_mode", "memory") == "stream":
+        return stream_splits(config, data)
     root = resolve_data_dir(data, config.dataset)
-    kw = {"download": download} if config.dataset.startswith("cifar") else {}
+    kw = {"download": download} if config.dataset.startswith("cifar") else {"image_size": folder_image_size(config)}
     train = load_dataset(config.dataset, root, "train", **kw)
     test = load_dataset(config.dataset, root, "test", **kw)
     val = None

@@ -7,6 +7,8 @@ A new kind of run (distillation, another data source) is a new Task, or a subcla
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -75,14 +77,49 @@ class Task:
         """One line for the log: what is being trained."""
         return type(model).__name__
 
+    # ---- steps of unequal cost (progressive resizing) ---------------------------------------------------
+    def set_schedule(self, *, total_steps: int, steps_per_epoch: int) -> None:
+        """The run's length, whenever it is planned or moved (a schedule over steps reads it)."""
+
+    def input_sizes(self) -> list[int | None]:
+        """The input sizes the batches take over the run; the time budget times a step at each."""
+        return [None]
+
+    def step_size(self, step: int) -> int | None:
+        """The input size of step `step`."""
+        return None
+
+    def work(self, step: int, total: int, cost: dict) -> float:
+        """Steps `step`..`total`-1 in units of a step at the last input size, `cost[size]` each."""
+        return float(total - step)
+
     # ---- one step --------------------------------------------------------------------------------------
-    def batch(self, index: torch.Tensor, step: int) -> Batch:
+    def batch(self, index: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
         """The batch of training examples `index` (on the device) at optimizer step `step` (0-based).
 
-        `step` lets a schedule change the batch (e.g. a lower resolution early on); anything random must
-        come from `self.generators`, so a resumed run sees the same batches.
+        `step` lets a schedule change the batch (e.g. a lower resolution early on); `size` forces one of
+        `input_sizes()` (to time it). Anything random must come from `self.generators`, so a resumed run sees
+        the same batches.
         """
         raise NotImplementedError
+
+    def batches(self, order: Callable[[], torch.Tensor], *, epoch: int, start: int, batch_size: int,
+                step: int) -> Iterator[Batch]:
+        """This rank's batches of epoch `epoch` from its batch `start` on, the first at optimizer step `step`.
+
+        `order()` is this rank's share of the epoch's permutation (the loop's `epoch_order`); the default cuts
+        it into `batch` calls. A task reading its data from disk streams it instead (vitlab.train.streaming).
+        """
+        index = order()
+        for i in itertools.count(start):
+            yield self.batch(index[i * batch_size:(i + 1) * batch_size], step + i - start)
+
+    def state_dict(self) -> dict:
+        """JSON state saved in each checkpoint beside the loop's (e.g. a data stream's position)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` from a checkpoint, before training goes on."""
 
     def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """The training loss of the train module's outputs; `batch.inputs` is there for losses that need it."""
@@ -94,8 +131,9 @@ class Task:
 
     # ---- epoch end -------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, *, precision: str, progress: bool = False,
-                 limit: int | None = None) -> dict[str, float]:
-        """Metrics of `model` for metrics.jsonl ("test_top1", "test_loss", ...); `limit`: first N images only."""
+                 limit: int | None = None, final: bool = False) -> dict[str, float]:
+        """Metrics of `model` for metrics.jsonl ("test_top1", "test_loss", ...); `limit`: first N images only;
+        `final`: the run's last evaluation (which may add metrics, e.g. with test-time augmentation)."""
         raise NotImplementedError
 
     def save(self, model: nn.Module, run_dir: Path) -> None:

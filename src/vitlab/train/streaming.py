@@ -1,0 +1,221 @@
+"""`vitlab train --dataset folder --data-mode stream`: an image folder read from disk batch by batch.
+
+`classify_task(config, ...)` is the task `vitlab train` runs: `ClassifyTask` with the data in memory, or
+`StreamTask` when `data_mode` is "stream" ("auto": stream when the decoded folder would take more than
+`memory_share` of the available memory). The chosen mode is written into the run's config, so a resumed run
+reads its data the same way.
+
+StreamTask is ClassifyTask with the in-memory tensors replaced by `vitlab.data.stream.StreamLoader`s: worker
+processes decode and random-resized-crop the training files into uint8 batches (each rank its shard of every
+epoch's permutation), and each streamed batch then goes through ClassifyTask's own batching (the batched
+on-device augmentation, a teacher, progressive resizing) as if it were the whole in-memory set. Evaluation
+streams the test (or val) folder, resized and centre-cropped as the memory mode decodes it, each rank its
+share, the sums all-reduced. Unreadable files are skipped and counted (`skipped_files` in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vitlab.data import resolve_data_dir
+from vitlab.data.folder import decode_image
+from vitlab.data.stream import StreamLoader, choose_data_mode, scan_folder
+from vitlab.errors import VitlabError
+from vitlab.train.classify import ClassifyTask
+from vitlab.train.distributed import all_reduce_sum, is_main
+from vitlab.train.evaluate import evaluate
+from vitlab.train.parallel import agreed, first_per_node, merge_results
+from vitlab.train.recipes import TrainConfig
+from vitlab.train.splits import Splits, channel_stats
+from vitlab.train.task import Batch
+
+STATS_IMAGES = 1000  # training images (a seeded sample) the normalisation statistics are measured on
+FOLDER_SIZE = 32  # image-folder side when the config's image_size is 0
+
+
+def folder_image_size(config) -> int:
+    """The side image folders are decoded to: config.image_size, 32 when it is 0."""
+    return getattr(config, "image_size", 0) or FOLDER_SIZE
+
+
+def resolve_data_mode(config: TrainConfig, data: str | Path | None) -> str:
+    """"memory" or "stream" for this run (rank 0 decides: "auto" reads the free memory)."""
+    mode = config.data_mode
+    if config.dataset != "folder":
+        if mode == "stream":
+            raise VitlabError(f"--data-mode stream reads image folders (--dataset folder); {config.dataset} is "
+                              "held in memory")
+        return "memory"
+    if mode == "auto":
+        def count() -> int:
+            root = resolve_data_dir(data, "folder")
+            return sum(len(scan_folder(root, split).files) for split in ("train", "test"))
+        mode = agreed(choose_data_mode(mode, num_images=count(), image_size=folder_image_size(config),
+                                       memory_share=config.memory_share) if is_main() else None)
+    return mode
+
+
+def classify_task(config: TrainConfig, *, device: torch.device, data: str | Path | None = None,
+                  download: bool | None = None, **kw) -> ClassifyTask:
+    """The task of `vitlab train`: ClassifyTask (memory) or StreamTask, with the mode resolved in its config.
+    Under torchrun each machine's first process loads (downloads, decodes) the data before the others."""
+    config = dataclasses.replace(config, data_mode=resolve_data_mode(config, data))
+    cls = StreamTask if config.data_mode == "stream" else ClassifyTask
+    return first_per_node(lambda: cls(config, device=device, data=data, download=download, **kw))
+
+
+# ---- splits that stay on disk -------------------------------------------------------------------------------
+@dataclass
+class StreamedSplit:
+    """A split of an image folder left on disk: what ClassifyTask reads of an ImageDataset at start-up
+    (size, classes, image size; `images`/`labels` are empty), and where the files are."""
+
+    root: Path
+    split: str
+    size: int
+    classes: list[str]
+    image_size: int
+
+    def __post_init__(self) -> None:
+        self.images = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        self.labels = torch.empty(0, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def sample_stats(files: list[Path], size: int, *, seed: int, n: int = STATS_IMAGES) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of a seeded sample of `n` files, decoded as evaluation decodes them."""
+    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    images = []
+    for i in pick:
+        try:
+            images.append(torch.from_numpy(decode_image(files[i], size).copy()).permute(2, 0, 1))
+        except (OSError, ValueError, VitlabError):
+            continue  # unreadable: the loader skips it too
+    if not images:
+        raise VitlabError(f"none of {len(pick)} sampled images under {files[0].parent.parent} could be read")
+    return channel_stats(torch.stack(images))
+
+
+def stream_splits(config: TrainConfig, data: str | Path | None) -> Splits:
+    """train / test of an image folder as StreamedSplits, the statistics from a sample of train (rank 0's)."""
+    given = [f for f in ("val_split", "train_subset", "test_subset") if getattr(config, f)]
+    if given:
+        raise VitlabError(f"--{given[0].replace('_', '-')} needs the data in memory; with --data-mode stream, "
+                          "give the folder the train/ and test/ (or val/) splits to use")
+    if config.augment.alternate_flip:
+        raise VitlabError("alternate flips follow each image through the epochs: they need --data-mode memory")
+    root, size = resolve_data_dir(data, "folder"), folder_image_size(config)
+    train, test = scan_folder(root, "train"), scan_folder(root, "test")
+    mean, std = sample_stats(train.files, size, seed=config.seed)  # the same seeded sample on every rank
+    return Splits(StreamedSplit(root, "train", len(train.files), train.classes, size),
+                  None, StreamedSplit(root, "test", len(test.files), train.classes, size),
+                  tuple(mean), tuple(std), root)
+
+
+# ---- the task -----------------------------------------------------------------------------------------------
+class StreamTask(ClassifyTask):
+    """ClassifyTask on an image folder streamed from disk (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, *, device: torch.device, **kw) -> None:
+        super().__init__(config, device=device, **kw)  # load_splits gives StreamedSplits: nothing is decoded
+        self.train_loader: StreamLoader | None = None  # made at the first epoch, with the loop's batch size
+        self.eval_loader: StreamLoader | None = None
+        self.resumed: dict | None = None  # a checkpoint's loader state, checked when the loader is made
+        self.reported = 0  # skipped files already logged
+
+    def loader(self, split: StreamedSplit, *, batch_size: int, train: bool) -> StreamLoader:
+        return StreamLoader(split.root, split.split, image_size=split.image_size, batch_size=batch_size,
+                            train=train, seed=self.config.seed, workers=self.config.workers,
+                            pin_memory=self.device.type == "cuda")
+
+    def streamed(self, images: torch.Tensor, labels: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
+        """ClassifyTask's batch of a streamed (uint8 images, labels) batch: it stands in for the in-memory set."""
+        self.images = images.to(self.device, non_blocking=True)
+        self.labels = labels.to(self.device, non_blocking=True)
+        return ClassifyTask.batch(self, torch.arange(len(labels), device=self.device), step, size=size)
+
+    def batch(self, index: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
+        """The training files `index`, decoded here (the loop times a step with it); training reads
+        `batches`, decoded by the loader's workers."""
+        ds = (self.train_loader or self.loader(self.splits.train, batch_size=1, train=True)).dataset
+        items = [ds[(int(i), 0)] for i in index.tolist()]
+        kept = [(x, y) for x, y, _ in items if x is not None]
+        if not kept:
+            raise VitlabError(f"none of {len(items)} training files could be read")
+        images, labels = torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept])
+        return self.streamed(images, labels, step, size=size)
+
+    def batches(self, order: Callable[[], torch.Tensor], *, epoch: int, start: int, batch_size: int,
+                step: int) -> Iterator[Batch]:
+        if self.train_loader is None:
+            self.train_loader = self.loader(self.splits.train, batch_size=batch_size, train=True)
+            if self.resumed is not None:
+                self.train_loader.load_state_dict(self.resumed)  # same images, seed and global batch
+                self.reported = self.train_loader.skipped  # logged by the process that met them
+        loader = self.train_loader
+        loader.set_epoch(epoch)
+        loader.position = start  # the loader's order is a function of (seed, epoch): resuming mid-epoch is exact
+        for images, labels in loader:
+            self.report_skipped()
+            yield self.streamed(images, labels, step)
+            step += 1
+
+    def report_skipped(self) -> None:
+        loader = self.train_loader
+        if loader.skipped > self.reported and loader.skipped_files and is_main():
+            path, msg = next(reversed(loader.skipped_files.items()))
+            tqdm.write(f"skipped {loader.skipped - self.reported} unreadable training file(s), e.g. {msg}")
+        self.reported = loader.skipped
+
+    def evaluate(self, model, *, precision: str, progress: bool = False, limit: int | None = None,
+                 final: bool = False) -> dict:
+        """test_* of the streamed test folder (each rank its share; `limit`: about the first N images)."""
+        if self.eval_loader is None:
+            self.eval_loader = self.loader(self.splits.test, batch_size=self.config.eval_batch_size, train=False)
+        tta = self.config.tta
+        modes = [("", "none")] + ([("_tta", tta)] if final and tta != "none" else [])
+        results: dict[str, list] = {suffix: [] for suffix, _ in modes}
+        self.eval_loader.set_epoch(0)
+        seen, share = 0, None if limit is None else -(-limit // self.eval_loader.world_size)
+        for images, labels in tqdm(self.eval_loader, desc="test", unit="batch", leave=False, disable=not progress):
+            if len(labels):
+                for suffix, mode in modes:
+                    results[suffix].append(evaluate(
+                        model, images, labels, mean=self.splits.mean, std=self.splits.std,
+                        num_classes=self.num_classes, batch_size=len(labels), device=self.device,
+                        precision=precision, tta=mode))
+            seen += len(labels)
+            if share is not None and seen >= share:
+                break
+        out = {}
+        for suffix, res in results.items():
+            if not res:  # this rank's share was empty or unreadable: it still takes part in the reduction
+                res = [evaluate(model, self.splits.test.images, self.splits.test.labels, mean=self.splits.mean,
+                                std=self.splits.std, num_classes=self.num_classes, device=self.device)]
+            out.update({k + suffix: v for k, v in merge_results(res).summary("test_").items()})
+        if self.train_loader is not None:  # counted on every rank, reported for the run
+            out["skipped_files"] = int(all_reduce_sum({"n": self.train_loader.skipped})["n"])
+        return out
+
+    def state_dict(self) -> dict:
+        return {"stream": self.train_loader.state_dict()} if self.train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resumed = state.get("stream")
+
+    def record(self, model) -> dict:
+        out = super().record(model)
+        out["data"] = {**out["data"], "data_mode": "stream", "workers": self.config.workers}
+        return out

@@ -1,0 +1,150 @@
+"""`torchrun ... -m vitlab train` (CPU, gloo, 2 processes x 1 thread) on a tiny synthetic CIFAR: it equals one process
+at the same global batch; a 2-node rendezvous on localhost trains; a rank SIGKILLed mid-run under --max-restarts 1
+is restarted from the mid-epoch checkpoint and ends bit-identical to the uninterrupted run (every rank's random
+streams restored); a run resumes on
+another number of processes at the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitlab.cli import main
+from vitlab.cli.train import default_out
+from vitlab.model import VisionTransformer, create_model
+from vitlab.train import loop
+from vitlab.weights import load_state_dict
+
+KILLER = Path(__file__).with_name("_torchrun_kill.py")
+# 128 images, global batch 16: 8 steps per epoch, 2 epochs; checkpoints every 4 steps (mid-epoch too). No crop,
+# flip or dropout: a process's random draws are its own, so only then are 1 and 2 processes comparable.
+TINY = ["--recipe", "tutorial", "--epochs", "2", "--precision", "fp32", "--no-progress", "--crop-padding", "0",
+        "--no-flip", "--eval-batch-size", "16", "--checkpoint-every", "4", "--lr", "3e-3", "--model-arg", "width=16",
+        "--model-arg", "depth=2", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32"]
+
+# Every source of randomness on (crop, flip, TrivialAugment, mixup, dropout, drop path): each rank draws its own.
+RANDOM = [a for a in TINY if a not in ("--crop-padding", "0", "--no-flip")] + [
+    "--policy", "trivial", "--mixup-alpha", "0.8", "--drop-path", "0.1", "--model-arg", "dropout=0.1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(cwd, *args, nproc=2, launcher=("--standalone",), script=("-m", "vitlab"), env=None, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}", *script, *args]
+    kw = dict(cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, text=True,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return subprocess.Popen(cmd, **kw)
+    return subprocess.run(cmd, timeout=300, **kw)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timings."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "images_per_sec")} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_cifar):
+    return tiny_cifar(tmp_path_factory.mktemp("data") / "cifar", train=128, test=40)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def one(work, data):
+    """One process, batch 16."""
+    assert main(["train", *TINY, "--data", str(data), "--batch-size", "16", "--out", str(work / "one")]) == 0
+    return work / "one"
+
+
+@pytest.fixture(scope="module")
+def two(work, data):
+    """Two processes of batch 8: (the run dir, the launch's output)."""
+    done = torchrun(work, "train", *TINY, "--data", str(data), "--batch-size", "8", "--out", "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work / "two", done
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(one, two, assert_same_training):
+    run, done = two
+    a, b = load_state_dict(one / "model.safetensors"), load_state_dict(run / "model.safetensors")
+    assert_same_training(a, b)
+    init = create_model(VisionTransformer.from_pretrained(run).cfg, seed=0).state_dict()  # as the run started
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-2  # far beyond the tolerance: not trivial
+    for r1, r2 in zip(rows(one), rows(run)):
+        assert r1.keys() == r2.keys() and r1["test_top1"] == r2["test_top1"] and r1["step"] == r2["step"]
+        for k in ("train_loss", "test_loss"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-5)
+    record = json.loads((run / "train_config.json").read_text())
+    assert record["launch"]["world_size"] == 2 and record["launch"]["backend"] == "gloo"
+    assert record["plan"]["global_batch_size"] == 16 and record["plan"]["batch_size"] == 8
+    assert "steps of 16 (2 processes x 8, gloo)" in done.stderr + done.stdout
+    assert done.stdout.count("test top-1") == 1  # rank 1 prints nothing
+    assert sorted(p.name for p in run.parent.iterdir()) == ["one", "two"]  # and writes no run dir of its own
+
+
+def test_a_killed_rank_is_restarted_from_the_checkpoint(work, data):
+    done = torchrun(work, "train", *RANDOM, "--data", str(data), "--batch-size", "8", "--out", "whole")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = work / "whole"
+    done = torchrun(work, "train", *RANDOM, "--data", str(data), "--batch-size", "8", "--out", "killed",
+                    launcher=("--standalone", "--max-restarts", "1"), script=(str(KILLER),),
+                    env={"KILL_RANK": "1", "KILL_STEP": "14"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exitcode: -9" in done.stderr and "resuming killed at epoch 2, step 12/16" in done.stderr + done.stdout
+    a, b = load_state_dict(run / "model.safetensors"), load_state_dict(work / "killed" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-identical
+    for r1, r2 in zip(rows(run), rows(work / "killed"), strict=True):  # the resumed epoch's training loss too
+        assert r2.pop("train_loss") == pytest.approx(r1.pop("train_loss"), rel=1e-6)  # summed in another order
+        assert r1 == r2
+
+
+def test_two_node_rendezvous_on_localhost(two, work, data, assert_same_training):
+    port, rdzv = free_port(), ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-id", "vitlab-test"]
+    nodes = [torchrun(work, "train", *TINY, "--data", str(data), "--batch-size", "8", "--out", "nodes", nproc=1,
+                      launcher=(*rdzv, "--rdzv-endpoint", f"127.0.0.1:{port}"), wait=False) for _ in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    record = json.loads((work / "nodes" / "train_config.json").read_text())
+    assert record["launch"]["world_size"] == 2 and record["launch"]["run_id"] == "vitlab-test"
+    assert_same_training(load_state_dict(two[0] / "model.safetensors"),
+                         load_state_dict(work / "nodes" / "model.safetensors"))
+
+
+def test_resume_on_another_number_of_processes(one, work, data, monkeypatch, assert_same_training):
+    def interrupted(self, *args):  # one process stopped 6 steps into epoch 2, after the step-12 checkpoint
+        real(self, *args)
+        if self.step == 14:
+            raise KeyboardInterrupt
+
+    real = loop.Trainer.after_step
+    monkeypatch.setattr(loop.Trainer, "after_step", interrupted)
+    out = work / "moved"
+    assert main(["train", *TINY, "--data", str(data), "--batch-size", "16", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    done = torchrun(work, "train", "--resume", "moved", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming moved at epoch 2, step 12/16" in done.stderr + done.stdout
+    assert "16 (2 processes x 8, gloo)" in done.stderr + done.stdout  # the same global batch, split in two
+    assert_same_training(load_state_dict(one / "model.safetensors"), load_state_dict(out / "model.safetensors"))
+    for r1, r2 in zip(rows(one), rows(out)):
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-5) and r1["test_top1"] == r2["test_top1"]
+
+
+def test_torchrun_names_the_default_run_dir_after_its_job(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert default_out("fast") == Path("runs/fast-job-7")  # every rank, and a restart, find the same dir
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert default_out("fast").name.startswith("fast-2")
