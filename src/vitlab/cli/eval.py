@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = evaluate_run(args.run_dir, data=args.data, split=args.split, batch_size=args.batch_size,
                        device=args.device, progress=not args.no_progress, tta=args.tta)
-    tta = f", TTA {args.tta}" if args.tta != "none" else ""
+    tta = f", TTA {args.tta}; {res['top1_without_tta']:.2%} without" if args.tta != "none" else ""
     print(f"{res['dataset']} {res['split']} ({res['count']} images{tta}): top-1 {res['top1']:.2%}  "
           f"top-5 {res['top5']:.2%}  loss {res['loss']:.4f}")
     width = max(len(c) for c in res["per_class"])

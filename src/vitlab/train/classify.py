@@ -173,16 +173,15 @@ class ClassifyTask(Task):
         """test_* (and val_* with a held-out split): loss, top1, top5; `limit`: the first N test images only.
         The `final` evaluation also reports test_top1_tta / test_loss_tta with the config's TTA."""
         names = ["test"] if limit is not None or self.splits.val is None else ["test", "val"]
-        tta = [("", "none")] + ([("_tta", self.config.tta)] if final and self.config.tta != "none" else [])
+        tta = self.config.tta if final else "none"
         out = {}
         for name in names:
             ds = getattr(self.splits, name)
-            for suffix, mode in tta:
-                res = evaluate_sharded(model, ds.images[:limit], ds.labels[:limit], mean=self.splits.mean,
-                                       std=self.splits.std, num_classes=self.num_classes,
-                                       batch_size=self.config.eval_batch_size, device=self.device,
-                                       precision=precision, progress=progress, desc=name, tta=mode)
-                out.update({k + suffix: v for k, v in res.summary(f"{name}_").items()})
+            res = evaluate_sharded(model, ds.images[:limit], ds.labels[:limit], mean=self.splits.mean,
+                                   std=self.splits.std, num_classes=self.num_classes,
+                                   batch_size=self.config.eval_batch_size, device=self.device,
+                                   precision=precision, progress=progress, desc=name, tta=tta)
+            out.update(res.metrics(f"{name}_"))
         return out
 
     def save(self, model: VisionTransformer | TeacherNet, run_dir: Path) -> None:

@@ -17,7 +17,7 @@ from vitlab.train.metrics import figures
 from vitlab.train.predict import load_run
 from vitlab.train.recipes import RUN_CONFIG
 from vitlab.train.runtime import resolve_device
-from vitlab.train.tta import tta_forward
+from vitlab.train.tta import view_logits
 from vitlab.weights import read_json, write_json
 
 
@@ -28,6 +28,7 @@ class EvalResult:
     top5: float  # top-min(5, K)
     count: int
     confusion: torch.Tensor  # (K, K) int64, rows = true class, columns = predicted
+    plain: EvalResult | None = None  # with TTA: the same images without it, scored in the same pass
 
     @property
     def per_class(self) -> list[float]:
@@ -38,6 +39,33 @@ class EvalResult:
     def summary(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}loss": self.loss, f"{prefix}top1": self.top1, f"{prefix}top5": self.top5}
 
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """`summary` of the plain evaluation, and of the TTA one with the suffix _tta when it was taken."""
+        if self.plain is None:
+            return self.summary(prefix)
+        return {**self.plain.summary(prefix), **{k + "_tta": v for k, v in self.summary(prefix).items()}}
+
+
+class Scores:
+    """Sums of one evaluation, batch by batch: loss, top-1, top-k hits and the confusion matrix."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes, self.k = num_classes, min(5, num_classes)
+        self.loss_sum, self.top1, self.topk = 0.0, 0, 0
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.topk(self.k, dim=1).indices  # (B, k)
+        self.top1 += (pred[:, 0] == y).sum().item()
+        self.topk += (pred == y[:, None]).any(1).sum().item()
+        self.confusion += torch.bincount(y * self.num_classes + pred[:, 0], minlength=self.num_classes ** 2)
+
+    def result(self, count: int, plain: EvalResult | None = None) -> EvalResult:
+        n = max(count, 1)
+        return EvalResult(self.loss_sum / n, self.top1 / n, self.topk / n, count,
+                          self.confusion.view(self.num_classes, self.num_classes).cpu(), plain)
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean: tuple[float, ...],
@@ -47,32 +75,29 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
     """Evaluate on uint8 images (N, 3, H, W): normalise only (the eval transform), no augmentation.
 
     `image_size`: resize (bicubic, antialiased) when the model expects another size than the data has.
-    `tta`: average the logits over flipped / shifted views (vitlab.train.tta).
+    `tta`: average the logits over flipped / shifted views (vitlab.train.tta); the result's `plain` holds
+    the plain evaluation, taken from the first view (the image itself) of the same pass.
     The model is put in eval mode and returned to its previous mode afterwards.
     """
     device = torch.device(device)
     was_training = model.training
-    forward = tta_forward(inference_forward(model, precision), tta)  # bf16-pure: a bf16 copy of the weights
-    k = min(5, num_classes)
-    loss_sum, top1, topk, n = 0.0, 0, 0, labels.shape[0]
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    forward = inference_forward(model, precision)  # bf16-pure: a bf16 copy of the weights
+    scores, plain = Scores(num_classes, device), Scores(num_classes, device) if tta != "none" else None
     try:
-        for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+        for i in tqdm(range(0, labels.shape[0], batch_size), desc=desc, unit="batch", leave=False,
+                      disable=not progress):
             x = normalize(images[i:i + batch_size].to(device), mean, std)  # (B, 3, H, W) float
             if image_size is not None and x.shape[-1] != image_size:
                 x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True)
             y = labels[i:i + batch_size].to(device)
-            logits = forward(x)  # (B, K) fp32
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            pred = logits.topk(k, dim=1).indices  # (B, k)
-            top1 += (pred[:, 0] == y).sum().item()
-            topk += (pred == y[:, None]).any(1).sum().item()
-            confusion += torch.bincount(y * num_classes + pred[:, 0], minlength=num_classes * num_classes)
+            logits = view_logits(forward, x, tta)  # [(B, K) fp32] per view
+            scores.add(torch.stack(logits).mean(0), y)
+            if plain is not None:
+                plain.add(logits[0], y)
     finally:
         model.train(was_training)
-    n = max(n, 1)
-    return EvalResult(loss_sum / n, top1 / n, topk / n, labels.shape[0],
-                      confusion.view(num_classes, num_classes).cpu())
+    count = labels.shape[0]
+    return scores.result(count, plain.result(count) if plain is not None else None)
 
 
 EVAL_JSON = "eval.json"
@@ -107,7 +132,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: 
     classes = names if len(names) == ds.num_classes else ds.classes
     out = {"run_dir": str(run_dir), "dataset": dataset, "split": split, "count": res.count, "loss": res.loss,
            "top1": res.top1, "top5": res.top5, "per_class": dict(zip(classes, res.per_class)),
-           "confusion": res.confusion.tolist(), "classes": classes, "precision": precision, "tta": tta}
+           "confusion": res.confusion.tolist(), "classes": classes, "precision": precision, "tta": tta,
+           **({"top1_without_tta": res.plain.top1} if res.plain is not None else {})}
     write_json(run_dir / EVAL_JSON, out)
     plots, png = figures(), None
     if plots is not None:

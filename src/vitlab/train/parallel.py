@@ -191,7 +191,9 @@ def merge_results(results: list[EvalResult], *, across_ranks: bool = True) -> Ev
         confusion = confusion.cpu()
     count = int(round(sums["count"]))
     n = max(count, 1)
-    return EvalResult(sums["loss"] / n, round(sums["top1"]) / n, round(sums["top5"]) / n, count, confusion)
+    plain = merge_results([r.plain for r in results], across_ranks=across_ranks) \
+        if all(r.plain is not None for r in results) else None
+    return EvalResult(sums["loss"] / n, round(sums["top1"]) / n, round(sums["top5"]) / n, count, confusion, plain)
 
 
 def evaluate_sharded(model, images: torch.Tensor, labels: torch.Tensor, **kw) -> EvalResult:

@@ -29,7 +29,7 @@ from vitlab.data.stream import StreamLoader, choose_data_mode, scan_folder
 from vitlab.errors import VitlabError
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.distributed import all_reduce_sum, is_main
-from vitlab.train.evaluate import evaluate
+from vitlab.train.evaluate import EvalResult, evaluate
 from vitlab.train.parallel import agreed, first_per_node, merge_results
 from vitlab.train.recipes import TrainConfig
 from vitlab.train.splits import Splits, channel_stats
@@ -184,27 +184,22 @@ class StreamTask(ClassifyTask):
         """test_* of the streamed test folder (each rank its share; `limit`: about the first N images)."""
         if self.eval_loader is None:
             self.eval_loader = self.loader(self.splits.test, batch_size=self.config.eval_batch_size, train=False)
-        tta = self.config.tta
-        modes = [("", "none")] + ([("_tta", tta)] if final and tta != "none" else [])
-        results: dict[str, list] = {suffix: [] for suffix, _ in modes}
+        tta = self.config.tta if final else "none"
+        results: list[EvalResult] = []
         self.eval_loader.set_epoch(0)
         seen, share = 0, None if limit is None else -(-limit // self.eval_loader.world_size)
         for images, labels in tqdm(self.eval_loader, desc="test", unit="batch", leave=False, disable=not progress):
             if len(labels):
-                for suffix, mode in modes:
-                    results[suffix].append(evaluate(
-                        model, images, labels, mean=self.splits.mean, std=self.splits.std,
-                        num_classes=self.num_classes, batch_size=len(labels), device=self.device,
-                        precision=precision, tta=mode))
+                results.append(evaluate(model, images, labels, mean=self.splits.mean, std=self.splits.std,
+                                        num_classes=self.num_classes, batch_size=len(labels), device=self.device,
+                                        precision=precision, tta=tta))
             seen += len(labels)
             if share is not None and seen >= share:
                 break
-        out = {}
-        for suffix, res in results.items():
-            if not res:  # this rank's share was empty or unreadable: it still takes part in the reduction
-                res = [evaluate(model, self.splits.test.images, self.splits.test.labels, mean=self.splits.mean,
-                                std=self.splits.std, num_classes=self.num_classes, device=self.device)]
-            out.update({k + suffix: v for k, v in merge_results(res).summary("test_").items()})
+        if not results:  # this rank's share was empty or unreadable: it still takes part in the reduction
+            results = [evaluate(model, self.splits.test.images, self.splits.test.labels, mean=self.splits.mean,
+                                std=self.splits.std, num_classes=self.num_classes, device=self.device, tta=tta)]
+        out = merge_results(results).metrics("test_")
         if self.train_loader is not None:  # counted on every rank, reported for the run
             out["skipped_files"] = int(all_reduce_sum({"n": self.train_loader.skipped})["n"])
         return out

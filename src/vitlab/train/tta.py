@@ -32,8 +32,13 @@ def views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return base
 
 
+def view_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """`forward`'s logits of each view of `mode`; the first is the image itself (the plain prediction)."""
+    return [forward(v) for v in views(x, mode)]
+
+
 def tta_forward(forward: Callable[[torch.Tensor], torch.Tensor], mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A forward that returns the mean of `forward`'s logits over the views of `mode` (the identity for "none")."""
     if mode == "none":
         return forward
-    return lambda x: torch.stack([forward(v) for v in views(x, mode)]).mean(0)
+    return lambda x: torch.stack(view_logits(forward, x, mode)).mean(0)
