@@ -1,6 +1,6 @@
 """vitlab: Vision Transformers from scratch — build, train fast on a CPU, look inside, CLIP/SigLIP."""
 
 from vitlab.model import VisionTransformer, ViTConfig, create_model, list_variants
+from vitlab.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["ViTConfig", "VisionTransformer", "create_model", "list_variants", "__version__"]

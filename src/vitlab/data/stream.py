@@ -6,7 +6,7 @@ labels (B,) int64) batches, so the same batched on-device augmentation (`BatchAu
 the in-memory datasets.
 
 - Order: every epoch's permutation is torch's DistributedSampler draw (seed + epoch) and each rank takes its
-  strided shard (`vitlab.train.distributed.shard_permutation`). Global batch k of an epoch is then the block
+  strided shard (`vitlab.data.shard.shard_permutation`). Global batch k of an epoch is then the block
   k*B*W .. (k+1)*B*W of the permutation whatever the world size W, so a run resumed on another number of
   processes at the same global batch B*W sees exactly the examples it had not seen.
 - Crops: training takes a random-resized crop (torchvision's RandomResizedCrop draw, scale/ratio as timm)
@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitlab.data.folder import decode_image, list_image_folder, open_rgb
+from vitlab.data.shard import get_rank, get_world_size, shard, shard_permutation
 from vitlab.errors import VitlabError
 
 DATA_MODES = ("auto", "memory", "stream")
@@ -210,8 +211,6 @@ class EpochBatches(Sampler):
         self.epoch, self.start = 0, 0
 
     def indices(self) -> torch.Tensor:
-        from vitlab.train.distributed import shard, shard_permutation  # here: vitlab.train imports vitlab.data
-
         if self.train:
             return shard_permutation(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
                                      world_size=self.world_size)
@@ -245,8 +244,6 @@ class StreamLoader:
             raise VitlabError("image_size and batch_size must be >= 1 and workers >= 0")
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise VitlabError(f"crop scale {scale} must lie in (0, 1] and ratio {ratio} be positive, low <= high")
-        from vitlab.train.distributed import get_rank, get_world_size  # here: vitlab.train imports vitlab.data
-
         self.listing = scan_folder(root, split)
         self.train = split == "train" if train is None else train
         self.rank = get_rank() if rank is None else rank

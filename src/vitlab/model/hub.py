@@ -42,7 +42,7 @@ class PretrainedMixin:
 
         class_names go to `id2label` as in Hugging Face configs (read back by `read_class_names`).
         """
-        from vitlab import __version__
+        from vitlab.version import __version__
 
         directory = Path(directory)
         if class_names:

@@ -15,12 +15,14 @@ import datetime
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+# the data layer's (its samplers use them too), re-exported here
+from vitlab.data.shard import _joined, epoch_permutation, get_rank, get_world_size, shard, shard_permutation  # noqa: F401
 from vitlab.errors import VitlabError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -107,18 +109,6 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _joined() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if _joined() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if _joined() else 1
-
-
 def is_main() -> bool:
     """True on the one process that writes the run dir, metrics, checkpoints and progress bars."""
     return get_rank() == 0
@@ -146,43 +136,6 @@ def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
 def unwrap_ddp(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (what is saved and evaluated); anything else unchanged."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ---- the data --------------------------------------------------------------------------------------------
-def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of `n` examples in `epoch`: torch's DistributedSampler draw (seed + epoch)."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def shard(indices: torch.Tensor, *, rank: int, world_size: int,
-          mode: Literal["pad", "drop", "exact"] = "pad") -> torch.Tensor:
-    """This rank's share of `indices`: every world_size-th one, starting at `rank`.
-
-    "pad": repeat indices from the start until all ranks get as many (DistributedSampler's default);
-    "drop": cut the tail instead (drop_last=True); "exact": no padding, ranks may differ by one, and every
-    index lands on exactly one rank (evaluation, where sums over ranks must count each example once).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-    n = len(indices)
-    if mode == "pad":
-        total = -(-n // world_size) * world_size
-        if total > n and n:
-            reps = -(-(total - n) // n)
-            indices = torch.cat([indices, indices.repeat(reps)[: total - n]])
-    elif mode == "drop":
-        indices = indices[: n - n % world_size] if n % world_size else indices
-    elif mode != "exact":
-        raise ValueError(f"shard mode must be 'pad', 'drop' or 'exact', not {mode!r}")
-    return indices[rank::world_size]
-
-
-def shard_permutation(n: int, *, seed: int, epoch: int, rank: int, world_size: int,
-                      drop_last: bool = False) -> torch.Tensor:
-    """This rank's examples of `epoch`, in order: `list(DistributedSampler(...))` after `set_epoch(epoch)`."""
-    perm = epoch_permutation(n, seed=seed, epoch=epoch)
-    return shard(perm, rank=rank, world_size=world_size, mode="drop" if drop_last else "pad")
 
 
 # ---- collectives -----------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ import torch
 from vitlab.errors import VitlabError, check_count
 from vitlab.train.checkpoint import STATE, clean_stale, committed_folder
 from vitlab.train.lock import RunLock
+from vitlab.train.recipes import ON_NONFINITE
 from vitlab.weights import check_finite, read_json
 
 if TYPE_CHECKING:
     from vitlab.train.loop import Trainer
 
-ON_NONFINITE = ("stop", "skip")
 MAX_SKIPS = 5  # skipped steps in a row after which skip mode stops: the run diverges, it does not spike
 LR_FACTOR = 0.5  # skip mode: the learning rate after each skipped step, relative to before
 

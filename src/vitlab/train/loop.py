@@ -376,7 +376,7 @@ class Trainer:
             return
         import numpy
 
-        from vitlab import __version__
+        from vitlab.version import __version__
 
         self.record.update({
             **self.task.record(self.model),

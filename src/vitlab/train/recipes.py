@@ -22,11 +22,11 @@ from vitlab.data.stream import DATA_MODES
 from vitlab.distill.losses import DISTILL_MODES
 from vitlab.errors import VitlabError, check_fields
 from vitlab.speed import PRECISIONS
-from vitlab.train.guard import ON_NONFINITE
 from vitlab.train.optim import DECAYS, OPTIMIZERS
 from vitlab.train.resize import parse_resize_schedule
 from vitlab.train.tta import TTA_MODES
 
+ON_NONFINITE = ("stop", "skip")  # what a NaN/Inf loss does (vitlab.train.guard): the option lives with the config
 RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in every run dir
 
 

@@ -1,4 +1,5 @@
-"""The data a run trains and evaluates on: train / optional held-out val / test, and normalisation stats."""
+"""The data a run trains and evaluates on: train / optional held-out val / test, and normalisation stats;
+an image folder streamed from disk (`data_mode` "stream") as `StreamedSplit`s."""
 
 from __future__ import annotations
 
@@ -16,10 +17,22 @@ from vitlab.data import (
     load_dataset,
     resolve_data_dir,
 )
+from vitlab.data.folder import decode_image
+from vitlab.data.stream import scan_folder
+from vitlab.errors import VitlabError
 from vitlab.train.recipes import TrainConfig
 
 KNOWN_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 VAL_SEED_OFFSET = 7919  # the val split uses its own generator, so it never shifts the training order
+
+
+STATS_IMAGES = 1000  # training images (a seeded sample) the normalisation statistics are measured on
+FOLDER_SIZE = 32  # image-folder side when the config's image_size is 0
+
+
+def folder_image_size(config) -> int:
+    """The side image folders are decoded to: config.image_size, 32 when it is 0."""
+    return getattr(config, "image_size", 0) or FOLDER_SIZE
 
 
 @dataclass
@@ -59,8 +72,6 @@ def load_splits(config: TrainConfig, data: str | Path | None = None, *, download
     `download`: CIFAR only; None downloads a missing dataset into the cache dir (vitlab.data.cifar).
     With `data_mode` "stream" an image folder stays on disk (vitlab.train.streaming).
     """
-    from vitlab.train.streaming import folder_image_size, stream_splits  # it builds on this module
-
     if getattr(config, "data_mode", "memory") == "stream":
         return stream_splits(config, data)
     root = resolve_data_dir(data, config.dataset)
@@ -80,3 +91,57 @@ def load_splits(config: TrainConfig, data: str | Path | None = None, *, download
         test = subset(test, torch.arange(min(config.test_subset, len(test))))
     mean, std = KNOWN_STATS.get(config.dataset) or channel_stats(train.images)
     return Splits(train, val, test, tuple(mean), tuple(std), root)
+
+
+# ---- splits that stay on disk -------------------------------------------------------------------------------
+@dataclass
+class StreamedSplit:
+    """A split of an image folder left on disk: what ClassifyTask reads of an ImageDataset at start-up
+    (size, classes, image size; `images`/`labels` are empty), and where the files are."""
+
+    root: Path
+    split: str
+    size: int
+    classes: list[str]
+    image_size: int
+
+    def __post_init__(self) -> None:
+        self.images = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        self.labels = torch.empty(0, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def sample_stats(files: list[Path], size: int, *, seed: int, n: int = STATS_IMAGES) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of a seeded sample of `n` files, decoded as evaluation decodes them."""
+    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    images = []
+    for i in pick:
+        try:
+            images.append(torch.from_numpy(decode_image(files[i], size).copy()).permute(2, 0, 1))
+        except (OSError, ValueError, VitlabError):
+            continue  # unreadable: the loader skips it too
+    if not images:
+        raise VitlabError(f"none of {len(pick)} sampled images under {files[0].parent.parent} could be read")
+    return channel_stats(torch.stack(images))
+
+
+def stream_splits(config: TrainConfig, data: str | Path | None) -> Splits:
+    """train / test of an image folder as StreamedSplits, the statistics from a sample of train (rank 0's)."""
+    given = [f for f in ("val_split", "train_subset", "test_subset") if getattr(config, f)]
+    if given:
+        raise VitlabError(f"--{given[0].replace('_', '-')} needs the data in memory; with --data-mode stream, "
+                          "give the folder the train/ and test/ (or val/) splits to use")
+    if config.augment.alternate_flip:
+        raise VitlabError("alternate flips follow each image through the epochs: they need --data-mode memory")
+    root, size = resolve_data_dir(data, "folder"), folder_image_size(config)
+    train, test = scan_folder(root, "train"), scan_folder(root, "test")
+    mean, std = sample_stats(train.files, size, seed=config.seed)  # the same seeded sample on every rank
+    return Splits(StreamedSplit(root, "train", len(train.files), train.classes, size),
+                  None, StreamedSplit(root, "test", len(test.files), train.classes, size),
+                  tuple(mean), tuple(std), root)

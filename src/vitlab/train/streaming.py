@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from vitlab.data import resolve_data_dir
-from vitlab.data.folder import decode_image
 from vitlab.data.stream import StreamLoader, choose_data_mode, scan_folder
 from vitlab.errors import VitlabError
 from vitlab.train.classify import ClassifyTask
@@ -32,16 +30,8 @@ from vitlab.train.distributed import all_reduce_sum, is_main
 from vitlab.train.evaluate import EvalResult, evaluate
 from vitlab.train.parallel import agreed, first_per_node, merge_results
 from vitlab.train.recipes import TrainConfig
-from vitlab.train.splits import Splits, channel_stats
+from vitlab.train.splits import StreamedSplit, folder_image_size
 from vitlab.train.task import Batch
-
-STATS_IMAGES = 1000  # training images (a seeded sample) the normalisation statistics are measured on
-FOLDER_SIZE = 32  # image-folder side when the config's image_size is 0
-
-
-def folder_image_size(config) -> int:
-    """The side image folders are decoded to: config.image_size, 32 when it is 0."""
-    return getattr(config, "image_size", 0) or FOLDER_SIZE
 
 
 def resolve_data_mode(config: TrainConfig, data: str | Path | None) -> str:
@@ -68,60 +58,6 @@ def classify_task(config: TrainConfig, *, device: torch.device, data: str | Path
     config = dataclasses.replace(config, data_mode=resolve_data_mode(config, data))
     cls = StreamTask if config.data_mode == "stream" else ClassifyTask
     return first_per_node(lambda: cls(config, device=device, data=data, download=download, **kw))
-
-
-# ---- splits that stay on disk -------------------------------------------------------------------------------
-@dataclass
-class StreamedSplit:
-    """A split of an image folder left on disk: what ClassifyTask reads of an ImageDataset at start-up
-    (size, classes, image size; `images`/`labels` are empty), and where the files are."""
-
-    root: Path
-    split: str
-    size: int
-    classes: list[str]
-    image_size: int
-
-    def __post_init__(self) -> None:
-        self.images = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        self.labels = torch.empty(0, dtype=torch.int64)
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def sample_stats(files: list[Path], size: int, *, seed: int, n: int = STATS_IMAGES) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of a seeded sample of `n` files, decoded as evaluation decodes them."""
-    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    images = []
-    for i in pick:
-        try:
-            images.append(torch.from_numpy(decode_image(files[i], size).copy()).permute(2, 0, 1))
-        except (OSError, ValueError, VitlabError):
-            continue  # unreadable: the loader skips it too
-    if not images:
-        raise VitlabError(f"none of {len(pick)} sampled images under {files[0].parent.parent} could be read")
-    return channel_stats(torch.stack(images))
-
-
-def stream_splits(config: TrainConfig, data: str | Path | None) -> Splits:
-    """train / test of an image folder as StreamedSplits, the statistics from a sample of train (rank 0's)."""
-    given = [f for f in ("val_split", "train_subset", "test_subset") if getattr(config, f)]
-    if given:
-        raise VitlabError(f"--{given[0].replace('_', '-')} needs the data in memory; with --data-mode stream, "
-                          "give the folder the train/ and test/ (or val/) splits to use")
-    if config.augment.alternate_flip:
-        raise VitlabError("alternate flips follow each image through the epochs: they need --data-mode memory")
-    root, size = resolve_data_dir(data, "folder"), folder_image_size(config)
-    train, test = scan_folder(root, "train"), scan_folder(root, "test")
-    mean, std = sample_stats(train.files, size, seed=config.seed)  # the same seeded sample on every rank
-    return Splits(StreamedSplit(root, "train", len(train.files), train.classes, size),
-                  None, StreamedSplit(root, "test", len(test.files), train.classes, size),
-                  tuple(mean), tuple(std), root)
 
 
 # ---- the task -----------------------------------------------------------------------------------------------
