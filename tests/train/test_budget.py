@@ -124,6 +124,28 @@ def test_a_resumed_run_gets_what_the_first_process_left():
     assert resumed.plan(step=300, step_s=0.5, epoch_end_s=5.0) - 300 < fresh.plan(step=0, step_s=0.5, epoch_end_s=5.0)
 
 
+def test_the_final_evaluations_extra_time_is_planned_explicitly_and_kept_across_a_resume():
+    """TTA's extra final passes (`final_s`) come in through plan(), as seconds the exit needs, and nothing
+    else moves the exit: the plan is the no-TTA plan of a budget shorter by final_s, and a resumed process
+    (state_dict) keeps the reserve."""
+    clock = FakeClock(0.0)
+    plain, tta, shorter = (Budget(600, steps_per_epoch=100, clock=clock) for _ in range(3))
+    shorter.deadline -= 30.0
+    total = tta.plan(step=0, step_s=0.5, epoch_end_s=5.0, final_s=30.0)
+    assert total == shorter.plan(step=0, step_s=0.5, epoch_end_s=5.0)
+    assert total < plain.plan(step=0, step_s=0.5, epoch_end_s=5.0)
+    assert tta.exit_s == plain.exit_s  # the exit estimate itself is untouched
+    # the hard stop keeps room for the final passes too: just before the deadline less one step, an evaluation,
+    # the exit and the final passes, both still go on; 31 s later only the budget without TTA does
+    clock.advance(tta.deadline - 0.5 - 5.0 - tta.exit_s - 30.0 - 1.0)
+    assert not tta.should_stop() and not plain.should_stop()
+    clock.advance(2.0)
+    assert tta.should_stop() and not plain.should_stop()
+    resumed = Budget(600, steps_per_epoch=100, clock=clock)
+    resumed.load_state_dict(json.loads(json.dumps(tta.state_dict())))
+    assert resumed.final_s == 30.0
+
+
 def test_process_age_brackets_the_process_start():
     """A child's start time from process_age_s lies between just before it was spawned and when it ended."""
     if process_age_s() is None:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from vitlab.train import load_checkpoint, resolve_recipe, resume, train
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.guard import (
     MAX_SKIPS,
+    Decision,
     DivergedError,
     NonFiniteGuard,
     Terminated,
@@ -149,35 +149,42 @@ def test_skip_mode_resumes_bit_exactly(tmp_path, data, monkeypatch):
     assert load_checkpoint(tmp_path / "cut")[1]["guard"] == {"skipped": 2, "in_a_row": 0}
 
 
-def fake_trainer(tmp_path, step_fn):
-    model = torch.nn.Linear(2, 2)
-    return SimpleNamespace(train_step_fn=step_fn, step=0, run_dir=tmp_path, model=model,
-                           config=SimpleNamespace(lr=1e-3, grad_clip=0.0))
-
-
 @pytest.mark.parametrize("every", [1, 4])
 def test_cadence_finds_the_first_bad_step(tmp_path, every):
-    step_fn = SimpleNamespace(grad_norm=None, skipped=False)
-    trainer, guard = fake_trainer(tmp_path, step_fn), NonFiniteGuard("stop", every=every)
+    guard = NonFiniteGuard("stop", every=every, run_dir=tmp_path, lr=1e-3, grad_clip=0.0)
     values = [(1.0, 2.0), (1.0, float("inf")), (float("nan"), 1.0)]
-    raised_at = None
-    for i, (loss, norm) in enumerate(values, start=1):
-        trainer.step, step_fn.grad_norm = i, torch.tensor(norm)
-        try:
-            guard.observe(trainer, torch.tensor(loss))
-        except DivergedError as e:
-            raised_at, msg = i, str(e)
+    decisions = []
+    for step, (loss, norm) in enumerate(values, start=1):
+        decisions.append(guard.observe(step, torch.tensor(loss), torch.tensor(norm)))
+        if decisions[-1] is Decision.STOP:  # the loop raises DivergedError(guard.reason) here
             break
     if every > 1:  # nothing read yet: the check before an evaluation reads the three steps at once
-        assert raised_at is None
-        with pytest.raises(DivergedError) as e:
-            guard.check(trainer)
-        msg = str(e.value)
+        assert decisions == [Decision.CONTINUE] * 3
+        assert guard.check(3) is Decision.STOP
     else:
-        assert raised_at == 2
+        assert decisions[:2] == [Decision.CONTINUE, Decision.STOP]
+    msg = guard.reason
     assert "diverged at step 2 (non-finite values: loss 1, gradient norm inf)" in msg
     assert "--grad-clip 1" in msg and "no checkpoint had been written yet" in msg
-    guard.check(trainer, weights=True)  # read: nothing pending, finite weights
+    assert guard.check(3, model=torch.nn.Linear(2, 2)) is Decision.CONTINUE  # read: nothing pending, finite weights
+    bad = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    assert guard.check(4, model=bad) is Decision.STOP and "diverged at step 4" in guard.reason
+
+
+def test_skip_mode_decides_and_counts_the_last_taken_loss(tmp_path):
+    """The guard only decides: SKIP for a skipped update (the loss counted is the last taken one's), STOP after
+    MAX_SKIPS in a row; a taken step resets the run of skips."""
+    guard, good, nan = NonFiniteGuard("skip", run_dir=tmp_path), torch.tensor(0.5), torch.tensor(float("nan"))
+    assert guard.observe(1, good, None) is Decision.CONTINUE
+    decision = guard.observe(2, nan, None, skipped=True)
+    assert decision is Decision.SKIP and guard.counted(nan, decision) is good and "update skipped" in guard.reason
+    assert guard.observe(3, good, None) is Decision.CONTINUE and guard.in_a_row == 0
+    decisions = [guard.observe(4 + i, nan, None, skipped=True) for i in range(MAX_SKIPS)]
+    assert decisions == [Decision.SKIP] * (MAX_SKIPS - 1) + [Decision.STOP]
+    assert f"{MAX_SKIPS} steps in a row were skipped" in guard.reason and "--on-nonfinite skip" not in guard.reason
+    assert guard.state_dict() == {"skipped": MAX_SKIPS + 1, "in_a_row": MAX_SKIPS}
 
 
 def test_guard_state_is_checked(tmp_path):

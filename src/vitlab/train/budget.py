@@ -114,6 +114,7 @@ class Budget:
         self.clock = clock
         self.start = clock() if start is None else start
         self.exit_s = exit_s
+        self.final_s = 0.0  # what the final evaluation takes beyond a regular one (TTA views), set by plan()
         self.deadline = self.start + seconds - margin_s(seconds)
         self.refit_s = max(REFIT_FRACTION * seconds, 0.5)
         self.step_s = 0.0  # estimates, set by plan() and refreshed by what the run reports
@@ -134,7 +135,7 @@ class Budget:
 
     def steps_that_fit(self, step: int) -> int:
         """More steps (after `step`) that fit before the deadline, with their epoch ends and the exit."""
-        available, phase = self.left() - self.exit_s, step % self.steps_per_epoch
+        available, phase = self.left() - self.exit_s - self.final_s, step % self.steps_per_epoch
         if self.work is None:
             return plan_steps(available, step_s=self.step_s, epoch_s=self.epoch_end_s,
                               steps_per_epoch=self.steps_per_epoch, phase=phase)
@@ -152,14 +153,15 @@ class Budget:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
-    def plan(self, *, step: int, step_s: float, epoch_end_s: float) -> int:
-        """The first fit, from a timed step and an estimated end of epoch: the total number of steps."""
-        self.step_s, self.epoch_end_s = step_s, epoch_end_s
+    def plan(self, *, step: int, step_s: float, epoch_end_s: float, final_s: float = 0.0) -> int:
+        """The first fit, from a timed step and an estimated end of epoch: the total number of steps.
+        `final_s`: seconds the final evaluation takes beyond a regular end of epoch (test-time augmentation)."""
+        self.step_s, self.epoch_end_s, self.final_s = step_s, epoch_end_s, final_s
         more = self.steps_that_fit(step)
         if more < 1:
             used = self.clock() - self.start
             raise VitlabError(f"time budget of {self.seconds / 60:g} min is too short: one step takes {step_s:.2f} s, "
-                              f"one evaluation + checkpoint {epoch_end_s:.1f} s, exit {self.exit_s:.1f} s, "
+                              f"one evaluation + checkpoint {epoch_end_s:.1f} s, exit {self.exit_s + final_s:.1f} s, "
                               f"{margin_s(self.seconds):.1f} s are kept as margin and {used:.0f} s are used already")
         self.last_tick = self.clock()
         return step + more
@@ -194,15 +196,16 @@ class Budget:
         `after_epoch_end`) and the final evaluation + save + exit would pass the deadline. The schedule's own
         end comes first when fits are right; this catches a machine that slowed down since the last fit."""
         step_s = max(self.step_s, self.last_step_s) * units
-        ahead = step_s + self.epoch_end_s * (2 if after_epoch_end else 1) + self.exit_s
+        ahead = step_s + self.epoch_end_s * (2 if after_epoch_end else 1) + self.exit_s + self.final_s
         return self.clock() + ahead > self.deadline
 
     def state_dict(self) -> dict:
-        return {"step_s": self.step_s, "epoch_ends": self.epoch_ends[-2:]}
+        return {"step_s": self.step_s, "epoch_ends": self.epoch_ends[-2:], "final_s": self.final_s}
 
     def load_state_dict(self, state: dict) -> None:
         """The estimates of an earlier process of this run (from its plan or checkpoint), to go on from."""
         self.step_s = float(state.get("step_s", self.step_s))
+        self.final_s = float(state.get("final_s", self.final_s))
         self.epoch_ends = [float(s) for s in state.get("epoch_ends", [])]
         if self.epoch_ends:
             self.epoch_end_s = max(self.epoch_ends)

@@ -21,6 +21,7 @@ from vitlab.train.recipes import TrainConfig
 from vitlab.train.resize import ResizeSchedule
 from vitlab.train.splits import load_splits
 from vitlab.train.task import Batch, Task
+from vitlab.train.tta import TTA_VIEWS
 
 
 def is_cnn(model: str) -> bool:
@@ -133,6 +134,12 @@ class ClassifyTask(Task):
         """The image size of step `step` (progressive resizing), the data's own without a schedule."""
         return self.resize.size_at(step, self.total_steps) if self.resize is not None else \
             self.splits.train.image_size
+
+    def final_eval_passes(self) -> int:
+        return TTA_VIEWS[self.config.tta]
+
+    def layer_decay(self) -> float | None:
+        return self.config.layer_decay or None
 
     def work(self, step: int, total: int, cost: dict[int, float]) -> float:
         """Steps `step`..`total`-1 in units of a full-size step, for the time budget."""

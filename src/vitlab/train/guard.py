@@ -8,14 +8,13 @@ before they kill). After 130 or 143 the run continues with `--resume RUN_DIR` fr
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import functools
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,9 +23,6 @@ from vitlab.train.checkpoint import STATE, clean_stale, committed_folder
 from vitlab.train.lock import RunLock
 from vitlab.train.recipes import ON_NONFINITE
 from vitlab.weights import check_finite, read_json
-
-if TYPE_CHECKING:
-    from vitlab.train.loop import Trainer
 
 MAX_SKIPS = 5  # skipped steps in a row after which skip mode stops: the run diverges, it does not spike
 LR_FACTOR = 0.5  # skip mode: the learning rate after each skipped step, relative to before
@@ -104,74 +100,88 @@ def claim_run_dir(run_dir: str | Path, *, command: str, log: Callable[[str], Non
 
 
 # ---- non-finite loss or gradient norm -------------------------------------------------------------------
+class Decision(enum.Enum):
+    """What the loop does after the guard read a step (the guard itself never edits the run)."""
+
+    CONTINUE = "continue"  # finite, or not read yet
+    SKIP = "skip"  # skip mode: the update was skipped; lower the learning rate by LR_FACTOR
+    STOP = "stop"  # diverged: stop the run with DivergedError(guard.reason)
+
+
 class NonFiniteGuard:
     """Watches every step's loss and global gradient norm (`TrainStep.grad_norm`, the norm it clips with).
 
-    "stop" (default): the first non-finite value stops the run with `DivergedError`. The values of the steps
-    since the last check are read in one go: every step on a CPU (nothing is queued there, so it costs
-    nothing) and every `log_every` steps on an accelerator (the loss is read then anyway), and always before
-    an evaluation + save, where the weights themselves are checked too. The run dir keeps its last good
-    checkpoint: NaN weights are never written.
+    "stop" (default): the first non-finite value stops the run (Decision.STOP, `reason` says where and what to
+    change). The values of the steps since the last check are read in one go: every step on a CPU (nothing is
+    queued there, so it costs nothing) and every `log_every` steps on an accelerator (the loss is read then
+    anyway), and always before an evaluation + save, where the weights themselves are checked too. The run dir
+    keeps its last good checkpoint: NaN weights are never written.
     "skip": `TrainStep` checks loss and norm before each update (one host sync per step) and skips the update
-    when either is non-finite; the guard then lowers the learning rate by LR_FACTOR for the rest of the run
-    (the schedule's peak and floor, saved with the checkpoint) and stops the run after MAX_SKIPS skipped steps
-    in a row. A skipped step counts in the epoch's train loss with the last taken step's loss.
+    when either is non-finite; the guard answers Decision.SKIP (the loop lowers the learning rate by LR_FACTOR
+    for the rest of the run: the schedule's peak and floor, saved with the checkpoint) and STOP after MAX_SKIPS
+    skipped steps in a row. A skipped step counts in the epoch's train loss with the last taken step's loss
+    (`counted`).
     """
 
-    def __init__(self, mode: str = "stop", *, every: int = 1) -> None:
+    def __init__(self, mode: str = "stop", *, every: int = 1, run_dir: str | Path = ".", lr: float = 0.0,
+                 grad_clip: float = 0.0) -> None:
         if mode not in ON_NONFINITE:
             raise VitlabError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, not {mode!r}")
         self.mode, self.every = mode, max(1, every)
+        self.run_dir, self.lr, self.grad_clip = Path(run_dir), lr, grad_clip  # for the message that stops a run
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, norm) unread
         self.skipped, self.in_a_row = 0, 0  # skip mode: steps skipped in all, and since the last taken one
         self.last_loss: torch.Tensor | None = None
+        self.reason = ""  # why the last STOP
 
-    @classmethod
-    def for_trainer(cls, trainer: Trainer) -> NonFiniteGuard:
-        every = 1 if trainer.device.type == "cpu" else trainer.config.log_every
-        return cls(trainer.config.on_nonfinite, every=every)
-
-    def observe(self, trainer: Trainer, loss: torch.Tensor) -> torch.Tensor:
-        """After each optimizer step (`trainer.step` counts it): the loss the epoch's mean should count."""
-        step_fn = trainer.train_step_fn
+    def observe(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None, *,
+                skipped: bool = False) -> Decision:
+        """After optimizer step `step` (`skipped`: TrainStep skipped its update, skip mode only)."""
         if self.mode == "skip":
-            if not step_fn.skipped:
+            if not skipped:
                 self.in_a_row, self.last_loss = 0, loss
-                return loss
-            self.skip(trainer, loss, step_fn.grad_norm)
-            return self.last_loss if self.last_loss is not None else torch.zeros_like(loss)
-        self.pending.append((trainer.step, loss, step_fn.grad_norm))
-        if len(self.pending) >= self.every:
-            self.check(trainer)
-        return loss
+                return Decision.CONTINUE
+            self.skipped += 1
+            self.in_a_row += 1
+            if self.in_a_row >= MAX_SKIPS:
+                return self.stop(step, f"{self.in_a_row} steps in a row were skipped, the last at "
+                                       f"{values_text(loss, norm)}", skipped=True)
+            self.reason = f"step {step}: {values_text(loss, norm)}: update skipped ({self.skipped} skipped so far)"
+            return Decision.SKIP
+        self.pending.append((step, loss, norm))
+        return self.check(step) if len(self.pending) >= self.every else Decision.CONTINUE
 
-    def check(self, trainer: Trainer, *, weights: bool = False) -> None:
-        """Read the steps not read yet; DivergedError at the first non-finite loss or gradient norm, or (with
-        `weights`, before an evaluation + save) at non-finite weights."""
+    def counted(self, loss: torch.Tensor, decision: Decision) -> torch.Tensor:
+        """The loss the epoch's mean counts for a step: a skipped step's is the last taken one's."""
+        if decision is not Decision.SKIP:
+            return loss
+        return self.last_loss if self.last_loss is not None else torch.zeros_like(loss)
+
+    def check(self, step: int, *, model: torch.nn.Module | None = None) -> Decision:
+        """Read the steps not read yet: STOP at the first non-finite loss or gradient norm, or (given `model`,
+        before an evaluation + save) at non-finite weights."""
         pending, self.pending = self.pending, []
         if pending:
             values = torch.stack([loss.float() + (norm.float() if norm is not None else 0.0)
                                   for _, loss, norm in pending])
             bad = (~torch.isfinite(values)).nonzero()
             if len(bad):
-                step, loss, norm = pending[int(bad[0])]
-                raise DivergedError(diverged_message(trainer, step, f"non-finite values: {values_text(loss, norm)}"))
-        if weights:
+                at, loss, norm = pending[int(bad[0])]
+                return self.stop(at, f"non-finite values: {values_text(loss, norm)}")
+        if model is not None:
             try:
-                check_finite(trainer.model.state_dict(), "weights")
+                check_finite(model.state_dict(), "weights")
             except VitlabError as e:
-                raise DivergedError(diverged_message(trainer, trainer.step, str(e))) from None
+                return self.stop(step, str(e))
+        return Decision.CONTINUE
 
-    def skip(self, trainer: Trainer, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
-        self.skipped += 1
-        self.in_a_row += 1
-        if self.in_a_row >= MAX_SKIPS:
-            raise DivergedError(diverged_message(trainer, trainer.step, f"{self.in_a_row} steps in a row were "
-                                                 f"skipped, the last at {values_text(loss, norm)}", skipped=True))
-        s = trainer.schedule
-        trainer.schedule = dataclasses.replace(s, base_lr=s.base_lr * LR_FACTOR, min_lr=s.min_lr * LR_FACTOR)
-        trainer.log(f"step {trainer.step}: {values_text(loss, norm)}: update skipped, peak learning rate lowered to "
-                    f"{trainer.schedule.base_lr:.3g} ({self.skipped} skipped so far)")
+    def stop(self, step: int, what: str, *, skipped: bool = False) -> Decision:
+        """STOP, with the one line that says where the run diverged, which checkpoint it keeps, what to change."""
+        fixes = [f"a lower --lr (this one peaked at {self.lr:g})", "a longer --warmup-epochs",
+                 *(["--grad-clip 1"] if not self.grad_clip else []), *(["--on-nonfinite skip"] if not skipped else [])]
+        self.reason = (f"{self.run_dir}: training diverged at step {step} ({what}); {last_good(self.run_dir)}. "
+                       f"Start a new run (another --out) with {', '.join(fixes[:-1])} or {fixes[-1]}")
+        return Decision.STOP
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}
@@ -185,15 +195,6 @@ class NonFiniteGuard:
 
 def values_text(loss: torch.Tensor, norm: torch.Tensor | None) -> str:
     return f"loss {float(loss):.4g}" + (f", gradient norm {float(norm):.4g}" if norm is not None else "")
-
-
-def diverged_message(trainer: Trainer, step: int, what: str, *, skipped: bool = False) -> str:
-    """One line: where the run diverged, which checkpoint it keeps, what to change."""
-    c = trainer.config
-    fixes = [f"a lower --lr (this one peaked at {c.lr:g})", "a longer --warmup-epochs",
-             *(["--grad-clip 1"] if not c.grad_clip else []), *(["--on-nonfinite skip"] if not skipped else [])]
-    return (f"{trainer.run_dir}: training diverged at step {step} ({what}); {last_good(trainer.run_dir)}. "
-            f"Start a new run (another --out) with {', '.join(fixes[:-1])} or {fixes[-1]}")
 
 
 def last_good(run_dir: Path) -> str:

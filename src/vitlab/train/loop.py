@@ -47,7 +47,7 @@ from vitlab.train.checkpoint import (
 from vitlab.train.classify import ClassifyTask, check_model
 from vitlab.train.distributed import all_reduce_sum, get_rank, get_world_size, shard_permutation
 from vitlab.train.ema import ModelEma
-from vitlab.train.guard import NonFiniteGuard, claim_run_dir, describe_stop
+from vitlab.train.guard import LR_FACTOR, Decision, DivergedError, NonFiniteGuard, claim_run_dir, describe_stop
 from vitlab.train.metrics import CURVES_PNG, STEPS, MetricsLog, figures
 from vitlab.train.optim import WarmupCosine, create_optimizer
 from vitlab.train.parallel import (
@@ -68,7 +68,6 @@ from vitlab.train.runtime import resolve_device
 from vitlab.train.streaming import classify_task
 from vitlab.train.task import Batch, Task
 from vitlab.train.tensorboard import open_tensorboard
-from vitlab.train.tta import TTA_VIEWS
 from vitlab.weights import load_into, read_json, write_json
 
 
@@ -199,13 +198,15 @@ class Trainer:
         self.forward = torch.compile(self.model) if c.compile else self.model  # for evaluation
         self.precision = record.get("plan", {}).get("precision") or task.resolve_precision(c.precision)
         self.optimizer = create_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas,
-                                          optimizer=c.optimizer, layer_decay=getattr(c, "layer_decay", 0.0) or None)
+                                          optimizer=c.optimizer, layer_decay=task.layer_decay())
         self.train_step_fn = TrainStep(task.train_module(self.model), self.optimizer, precision=self.precision,
                                        compile=c.compile, clip_grad=c.grad_clip, loss_fn=task.loss,
                                        track_grad_norm=True, skip_nonfinite=c.on_nonfinite == "skip")
         self.ema = ModelEma(self.model, decay=c.ema) if c.ema else None
         data_parallel(self.train_step_fn)  # several processes: DDP averages the gradients over them
-        self.guard = NonFiniteGuard.for_trainer(self)  # NaN/Inf loss or gradient norm: stop, or skip the step
+        # NaN/Inf loss or gradient norm: stop, or skip the step (read every step on a CPU, else every log_every)
+        self.guard = NonFiniteGuard(c.on_nonfinite, every=1 if self.device.type == "cpu" else c.log_every,
+                                    run_dir=self.run_dir, lr=c.lr, grad_clip=c.grad_clip)
 
         # per process and over all processes: --batch-size per process; a resumed run keeps its global batch
         self.batch_size, self.global_batch = batch_sizes(c.batch_size, task.train_size, record.get("plan"))
@@ -262,7 +263,7 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             timed = {}
             if self.budget is not None:
-                timed = {"step_s": self.time_step(), "epoch_end_s": self.time_epoch_end()}
+                timed = {"step_s": self.time_step(), **self.time_epoch_end()}
                 total = agreed(self.capped(self.budget.plan(step=0, **timed)) if self.is_main else None)  # rank 0's
                 self.set_total_steps(total)
                 self.schedule = dataclasses.replace(self.schedule, warmup_steps=self.warmup_steps(total))
@@ -327,23 +328,25 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         return seconds
 
-    def time_epoch_end(self) -> float:
-        """Seconds one end of epoch takes: an evaluation timed on a slice and scaled to the full one, plus a
-        real save (run dir, checkpoint, curves) into a scratch folder that is then removed."""
+    def time_epoch_end(self) -> dict[str, float]:
+        """Seconds one end of epoch takes ("epoch_end_s"): an evaluation timed on a slice and scaled to the full
+        one, plus a real save (run dir, checkpoint, curves) into a scratch folder that is then removed; and what
+        the final evaluation takes beyond it ("final_s": its extra TTA passes). Measures only: the budget is
+        told in plan()."""
         m = min(self.config.eval_batch_size, self.task.eval_size)
         t_eval = seconds_per_call(lambda: self.task.evaluate(self.eval_model, precision=self.precision, limit=m),
                                   warmup=1, repeats=1, device=self.device, clock=self.clock)
+        t_eval *= self.task.eval_size / m
+        final_s = t_eval * (self.task.final_eval_passes() - 1)
         if not self.is_main:  # rank 0 writes, and its timings plan the run
-            return t_eval * self.task.eval_size / m
+            return {"epoch_end_s": t_eval, "final_s": final_s}
         rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.run_dir) as scratch:
             def save() -> None:
                 self.save(Path(scratch))
                 self.plot_curves(Path(scratch), rows)
             t_save = seconds_per_call(save, warmup=1, repeats=1, clock=self.clock)  # warmup: matplotlib's import
-        if self.budget is not None and getattr(self.config, "tta", "none") != "none":  # the final evaluation's views
-            self.budget.exit_s += t_eval * self.task.eval_size / m * (TTA_VIEWS[self.config.tta] - 1)
-        return t_eval * self.task.eval_size / m + t_save
+        return {"epoch_end_s": t_eval + t_save, "final_s": final_s}
 
     def restore(self) -> None:
         """Load the last checkpoint: weights, optimizer, EMA, RNG states, counters, metrics so far."""
@@ -465,7 +468,9 @@ class Trainer:
             self.lr = self.schedule.apply(self.optimizer, self.step)
             loss, outputs = self.train_step(batch)
             self.step += 1
-            loss = self.guard.observe(self, loss)  # DivergedError at a NaN/Inf (or, skip mode, the loss to count)
+            step_fn = self.train_step_fn
+            decision = self.obey(self.guard.observe(self.step, loss, step_fn.grad_norm, skipped=step_fn.skipped))
+            loss = self.guard.counted(loss, decision)  # skip mode: a skipped step counts the last taken one's loss
             loss_sum += loss
             n_right = self.task.correct(outputs, batch)
             if n_right is not None:
@@ -517,6 +522,16 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.after_step(self)
 
+    def obey(self, decision: Decision) -> Decision:
+        """Act on the non-finite guard's decision: stop the run, or lower the learning rate after a skipped step."""
+        if decision is Decision.STOP:
+            raise DivergedError(self.guard.reason)
+        if decision is Decision.SKIP:
+            s = self.schedule
+            self.schedule = dataclasses.replace(s, base_lr=s.base_lr * LR_FACTOR, min_lr=s.min_lr * LR_FACTOR)
+            self.log(f"{self.guard.reason}; peak learning rate lowered to {self.schedule.base_lr:.3g}")
+        return decision
+
     def log_step(self, loss: torch.Tensor) -> None:
         """A point of steps.jsonl (every log_every steps, the first and each epoch's last)."""
         if not self.step_log.rows or self.step_log.rows[-1]["step"] != self.step:
@@ -539,7 +554,7 @@ class Trainer:
     # ---- end of epoch ----------------------------------------------------------------------------------
     def end_epoch(self, *, finished: bool) -> None:
         """Evaluate, then write metrics, run dir and checkpoint (in that order: see MetricsLog)."""
-        self.guard.check(self, weights=True)  # every step (and the weights) read before evaluating and saving
+        self.obey(self.guard.check(self.step, model=self.model))  # all steps and the weights read before saving
         t = self.clock()
         row = {"epoch": self.epoch, "step": self.step, **self.epoch_stats}
         row.update(self.task.evaluate(self.eval_model, precision=self.precision, progress=self.progress,

@@ -89,6 +89,15 @@ class Task:
         """The input size of step `step`."""
         return None
 
+    def final_eval_passes(self) -> int:
+        """Passes over the evaluation set the final evaluation makes (test-time augmentation: one per view); the
+        time budget keeps room for the extra ones."""
+        return 1
+
+    def layer_decay(self) -> float | None:
+        """Per-layer learning-rate decay of the optimizer (fine-tuning), None for one rate."""
+        return None
+
     def work(self, step: int, total: int, cost: dict) -> float:
         """Steps `step`..`total`-1 in units of a step at the last input size, `cost[size]` each."""
         return float(total - step)
