@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vitlab.model import VisionTransformer
-from vitlab.train import load_checkpoint, loop, resolve_recipe, resume, train
+from vitlab.train import callbacks, load_checkpoint, resolve_recipe, resume, runstate, train
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.loop import Trainer
 from vitlab.weights import load_state_dict
@@ -89,13 +89,13 @@ def test_resume_is_bit_exact(tmp_path, cifar_dir, monkeypatch, where, precision)
             return real_step(self, *a)
         monkeypatch.setattr(Trainer, "train_step", step)
     else:  # killed while writing the epoch-2 checkpoint: epoch 1's must survive
-        real_save = loop.save_checkpoint
+        real_save = runstate.save_checkpoint
 
         def save(run_dir, *, tensors, state):
             if state["epoch"] == 2:
                 raise Interrupted
             return real_save(run_dir, tensors=tensors, state=state)
-        monkeypatch.setattr(loop, "save_checkpoint", save)
+        monkeypatch.setattr(runstate, "save_checkpoint", save)
     with pytest.raises(Interrupted):
         tiny_run(tmp_path / "cut", cifar_dir, precision=precision)
     monkeypatch.undo()
@@ -129,7 +129,7 @@ def test_ema_is_what_the_run_dir_holds(tmp_path, cifar_dir):
 
 
 def test_without_matplotlib_there_is_no_png_and_one_note(tmp_path, cifar_dir, monkeypatch):
-    monkeypatch.setattr(loop, "figures", lambda: None)
+    monkeypatch.setattr(callbacks, "figures", lambda: None)
     lines = []
     train(resolve_recipe("tutorial", **{**TINY, "epochs": 2}), out=tmp_path / "m", data=cifar_dir, progress=False,
           log=lines.append)
@@ -145,7 +145,8 @@ def test_timing_leaves_no_trace(tmp_path, cifar_dir, precision):
     trainer = Trainer(task, tmp_path, record={}, progress=False, log=lambda s: None)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     rng = [torch.get_rng_state()] + [g.get_state() for g in trainer.generators.values()]
-    assert trainer.time_step() > 0 and trainer.time_epoch_end() > 0
+    timed = trainer.time_epoch_end()
+    assert trainer.time_step() > 0 and timed["epoch_end_s"] > 0 and timed["final_s"] == 0  # no TTA
     assert_same(before, trainer.model.state_dict())
     for a, b in zip(rng, [torch.get_rng_state()] + [g.get_state() for g in trainer.generators.values()]):
         assert torch.equal(a, b)
@@ -185,7 +186,7 @@ def budget_run(tmp_path, cifar_dir, monkeypatch, *, minutes, step_cost, eval_cos
     monkeypatch.setattr(Trainer, "train_step", step)
     monkeypatch.setattr(ClassifyTask, "evaluate", evaluate)
     monkeypatch.setattr(Trainer, "save", save)
-    monkeypatch.setattr(loop, "figures", lambda: None)  # no figures: real drawing time would only slow the test
+    monkeypatch.setattr(callbacks, "figures", lambda: None)  # no figures: real drawing time would only slow the test
     cfg = resolve_recipe("tutorial", model_args={"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}, train_subset=2048,
                          test_subset=200, batch_size=32, eval_batch_size=50, epochs=1000, precision="fp32",
                          time_budget=minutes)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from vitlab.errors import VitlabError
 from vitlab.model import create_model, parse_variant
+from vitlab.train import callbacks, parallel
 from vitlab.train import distributed as D
-from vitlab.train import loop, parallel
 from vitlab.train.evaluate import evaluate
 from vitlab.train.loop import Trainer
 from vitlab.train.recipes import RunConfig
@@ -119,7 +119,7 @@ def _worker(rank, port, out):
             return real_eval(self, model, **kw)
 
         Trainer.train_step, ToyTask.evaluate = step, evaluate_
-        loop.figures = lambda: None
+        callbacks.figures = lambda: None
         config = RunConfig(batch_size=8, epochs=1000, time_budget=1.0, precision="fp32", eval_batch_size=8,
                            warmup_epochs=0.5)
         trainer = Trainer(ToyTask(config, device=torch.device("cpu")), f"{out}/budget", record={"task": "toy"},

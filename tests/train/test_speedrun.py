@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitlab.distill import TeacherNet
-from vitlab.train import loop, resolve_recipe, resume, train
+from vitlab.train import callbacks, resolve_recipe, resume, train
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.loop import Trainer
 from vitlab.train.optim import WarmupCosine
@@ -89,7 +89,7 @@ def test_time_budget_plans_with_the_cheaper_small_steps(tmp_path, cifar_dir, mon
     monkeypatch.setattr(Trainer, "save", lambda self, *a, **kw: setattr(clock, "t", clock.t + 0.2))
     monkeypatch.setattr(ClassifyTask, "evaluate", lambda self, model, **kw: (setattr(clock, "t", clock.t + 0.5),
                                                                               {"test_top1": 0.1})[1])
-    monkeypatch.setattr(loop, "figures", lambda: None)
+    monkeypatch.setattr(callbacks, "figures", lambda: None)
     ends = {}
     for sched in ("", schedule):
         clock.t = 3.0  # start-up

@@ -19,7 +19,7 @@ from vitlab.train.parallel import evaluate_sharded
 from vitlab.train.processor import write_preprocessor_config
 from vitlab.train.recipes import TrainConfig
 from vitlab.train.resize import ResizeSchedule
-from vitlab.train.splits import load_splits
+from vitlab.train.splits import folder_image_size, load_splits, stream_splits
 from vitlab.train.task import Batch, Task
 from vitlab.train.tta import TTA_VIEWS
 
@@ -73,7 +73,8 @@ class ClassifyTask(Task):
                  download: bool | None = None, teacher: str | Path | None = None) -> None:
         """`teacher`: the CNN teacher's run dir (default `config.teacher`; a "stage" teacher's is given here)."""
         super().__init__(config, device=device)
-        self.splits = load_splits(config, data, download=download)
+        self.splits = stream_splits(config, data) if config.data_mode == "stream" else \
+            load_splits(config, data, download=download, image_size=folder_image_size(config))
         tr = self.splits.train
         self.images = tr.images.to(device)  # (N, 3, H, W) uint8, the whole training set
         self.labels = tr.labels.to(device)

@@ -14,12 +14,8 @@ same seed gives the same weights and a resumed run the same weights as an uninte
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import platform
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,25 +26,17 @@ from tqdm import tqdm
 
 from vitlab.errors import VitlabError
 from vitlab.speed import TrainStep
-from vitlab.train.budget import Budget, seconds_per_call
+from vitlab.train.budget import Budget
+from vitlab.train.callbacks import Callback, Report, plot_curves
 from vitlab.train.checkpoint import (
-    SCRATCH_PREFIX,
     check_record,
-    check_schedule,
-    check_total_steps,
     has_checkpoint,
-    load_checkpoint,
-    optimizer_to_files,
-    restore_optimizer,
-    restore_rng,
-    rng_states,
-    save_checkpoint,
 )
 from vitlab.train.classify import ClassifyTask, check_model
 from vitlab.train.distributed import all_reduce_sum, get_rank, get_world_size, shard_permutation
 from vitlab.train.ema import ModelEma
 from vitlab.train.guard import LR_FACTOR, Decision, DivergedError, NonFiniteGuard, claim_run_dir, describe_stop
-from vitlab.train.metrics import CURVES_PNG, STEPS, MetricsLog, figures
+from vitlab.train.metrics import STEPS, MetricsLog
 from vitlab.train.optim import WarmupCosine, create_optimizer
 from vitlab.train.parallel import (
     agreed,
@@ -57,18 +45,17 @@ from vitlab.train.parallel import (
     describe_batch,
     gather_rng,
     joins_torchrun,
-    launch_record,
-    read_epoch_sums,
     restarted_run,
-    restore_rank_rng,
     seed_rank,
 )
+from vitlab.train.probes import time_epoch_end, time_steps
 from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig, resolve_recipe
+from vitlab.train.runstate import mid_epoch_checkpoint, restore, write_checkpoint, write_run_files
 from vitlab.train.runtime import resolve_device
 from vitlab.train.streaming import classify_task
 from vitlab.train.task import Batch, Task
 from vitlab.train.tensorboard import open_tensorboard
-from vitlab.weights import load_into, read_json, write_json
+from vitlab.weights import read_json
 
 
 @dataclass
@@ -227,8 +214,7 @@ class Trainer:
         self.epoch_stats: dict = {}  # train_loss, train_acc, images_per_sec of the last epoch
         self.carried: dict = {}  # training sums of the epoch a mid-epoch checkpoint was taken in
         self.logged_total = self.total_steps  # the schedule length last reported in the log
-        self.noted_no_plot = False
-        self.tensorboard = None  # a vitlab.train.tensorboard.TensorBoardLog once run() starts, with --tensorboard
+        self.callbacks: list[Callback] = []  # called at on_step / on_eval / on_end (vitlab.train.callbacks)
 
     @property
     def is_main(self) -> bool:
@@ -280,7 +266,8 @@ class Trainer:
                 plan["exit_s"] = round(self.budget.exit_s, 3)
         elif self.budget is not None:  # resuming: go on from the first process's timings (a checkpoint's are newer)
             self.budget.load_state_dict({"step_s": plan.get("step_s", 0.0),
-                                         "epoch_ends": [plan.get("epoch_end_s", 0.0)]})
+                                         "epoch_ends": [plan.get("epoch_end_s", 0.0)],
+                                         "final_s": plan.get("final_s", 0.0)})  # older plans: inside exit_s
             self.budget.exit_s = plan.get("exit_s", self.budget.exit_s)
         if "step_cost" in plan:
             self.step_cost = {int(size): float(c) for size, c in plan["step_cost"]}
@@ -303,92 +290,23 @@ class Trainer:
         return self.step_cost.get(self.task.step_size(step), 1.0)
 
     def time_step(self) -> float:
-        """Seconds per training step (at the last input size; `step_cost` gets the others' relative cost),
-        measured on the real model, then undone.
-
-        The weights, the optimizer state and every random generator come back as they were, so measuring
-        changes nothing about the run (the same seed gives the same weights with or without it).
-        """
-        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        optimizer = copy.deepcopy(self.optimizer.state_dict())
-        rng = rng_states(self.generators)
-        index = torch.arange(self.batch_size, device=self.device)
-        timed = {}
-        for size in self.step_cost:
-            batch = self.task.batch(index, 0, size=size)
-            timed[size] = seconds_per_call(lambda b=batch: self.train_step(b), warmup=1, repeats=2,
-                                           device=self.device, clock=self.clock)
-        seconds = timed[size]  # the last size: the data's own
-        self.step_cost = {s: t / seconds for s, t in timed.items()}
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(weights[k])
-        self.optimizer.load_state_dict(optimizer)
-        restore_rng(rng, self.generators)
-        self.model.zero_grad(set_to_none=True)
+        """Seconds per step at the last input size; `step_cost` gets the others' relative cost."""
+        timed = time_steps(self.train_step, self.task, model=self.model, optimizer=self.optimizer,
+                           generators=self.generators, batch_size=self.batch_size, sizes=list(self.step_cost),
+                           device=self.device, clock=self.clock)
+        seconds = list(timed.values())[-1]  # the last size: the data's own
+        self.step_cost = {size: t / seconds for size, t in timed.items()}
         return seconds
 
     def time_epoch_end(self) -> dict[str, float]:
-        """Seconds one end of epoch takes ("epoch_end_s"): an evaluation timed on a slice and scaled to the full
-        one, plus a real save (run dir, checkpoint, curves) into a scratch folder that is then removed; and what
-        the final evaluation takes beyond it ("final_s": its extra TTA passes). Measures only: the budget is
-        told in plan()."""
-        m = min(self.config.eval_batch_size, self.task.eval_size)
-        t_eval = seconds_per_call(lambda: self.task.evaluate(self.eval_model, precision=self.precision, limit=m),
-                                  warmup=1, repeats=1, device=self.device, clock=self.clock)
-        t_eval *= self.task.eval_size / m
-        final_s = t_eval * (self.task.final_eval_passes() - 1)
-        if not self.is_main:  # rank 0 writes, and its timings plan the run
-            return {"epoch_end_s": t_eval, "final_s": final_s}
         rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
-        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.run_dir) as scratch:
-            def save() -> None:
-                self.save(Path(scratch))
-                self.plot_curves(Path(scratch), rows)
-            t_save = seconds_per_call(save, warmup=1, repeats=1, clock=self.clock)  # warmup: matplotlib's import
-        return {"epoch_end_s": t_eval + t_save, "final_s": final_s}
 
-    def restore(self) -> None:
-        """Load the last checkpoint: weights, optimizer, EMA, RNG states, counters, metrics so far."""
-        tensors, state = load_checkpoint(self.run_dir)
-        source = f"{self.run_dir} checkpoint"
-        load_into(self.model, tensors["model"], source=source)
-        restore_optimizer(self.optimizer, tensors.get("optimizer", {}), state["optimizer"], source=source)
-        if self.ema is not None:
-            load_into(self.ema.module, tensors["ema"], source=f"{source} EMA")
-            self.ema.updates = state["ema_updates"]
-        restore_rank_rng(tensors["rng"], self.generators, seed=self.config.seed, step=state["step"], source=source)
-        self.task.load_state_dict(state.get("task") or {})
-        self.carried = read_epoch_sums(state, f"{source} state.json")  # a mid-epoch checkpoint's sums (rank 0)
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.elapsed_before, self.finished = state["elapsed_s"], state.get("finished", False)
-        self.schedule = WarmupCosine(**check_schedule(state["schedule"], f"{source} state.json"))
-        self.total_steps = check_total_steps(state, self.total_steps, timed=self.budget is not None,
-                                             source=f"{source} state.json")
-        self.guard.load_state_dict(state.get("guard", {}), source=f"{source} state.json")
-        if self.budget is not None:
-            self.budget.carry_over(self.elapsed_before)
-            self.budget.load_state_dict(state.get("budget") or {})
-        for log in (self.metrics, self.step_log):
-            log.load()
-            log.truncate(self.step)
-
-    def write_run_files(self) -> None:
-        """train_config.json and the task's own files: everything but the weights, once per start."""
-        if not self.is_main:
-            return
-        import numpy
-
-        from vitlab.version import __version__
-
-        self.record.update({
-            **self.task.record(self.model),
-            "device": str(self.device), "torch": torch.__version__, "numpy": numpy.__version__,
-            "vitlab": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "launch": launch_record(),
-        })
-        write_json(self.run_dir / RUN_CONFIG, self.record)
-        self.task.write_run_files(self.run_dir)
+        def save(scratch: Path) -> None:  # what an epoch end writes: run dir, checkpoint, curves
+            self.save(scratch)
+            plot_curves(self, scratch, rows)
+        return time_epoch_end(self.task, self.eval_model, precision=self.precision, run_dir=self.run_dir,
+                              eval_batch_size=self.config.eval_batch_size, save=save if self.is_main else None,
+                              device=self.device, clock=self.clock)
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -404,13 +322,13 @@ class Trainer:
     def run_locked(self) -> TrainResult:
         self.plan()
         if self.resuming and has_checkpoint(self.run_dir):
-            self.restore()
+            restore(self)
             if self.finished:
                 self.log(f"{self.run_dir} is already complete ({self.epoch} epochs, {self.step} steps)")
                 return self.result()
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
-        self.write_run_files()
-        self.tensorboard = open_tensorboard(self)
+        write_run_files(self)
+        self.callbacks = [Report(), *filter(None, [open_tensorboard(self)])]
         self.log(f"training {self.task.describe(self.model)} on {self.task.train_size} images, {self.total_steps} "
                  f"steps of {describe_batch(self.batch_size)} ({self.num_epochs} epochs), {self.precision} on "
                  f"{self.device}")
@@ -422,8 +340,8 @@ class Trainer:
                 self.log(f"{describe_stop(e)}; continue with: {self.task.command} --resume {self.run_dir}")
             raise
         finally:
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            for callback in self.callbacks:
+                callback.on_end(self)
         return self.result()
 
     def result(self) -> TrainResult:
@@ -483,7 +401,7 @@ class Trainer:
                     bar.total = min(self.steps_per_epoch - start, max(self.total_steps - first, 0)) * bs
             every = self.config.checkpoint_every
             if every and self.step % every == 0 and i + 1 < self.steps_per_epoch and self.step < self.total_steps:
-                self.checkpoint(loss_sum, correct)
+                mid_epoch_checkpoint(self, loss_sum, correct)
             bar.update(bs)
             if self.step % self.config.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
@@ -513,14 +431,13 @@ class Trainer:
                 self.refit()
 
     def after_step(self, batch: Batch, loss: torch.Tensor, outputs) -> None:
-        """After each optimizer step (`self.step` already counts it): EMA, the per-step loss log.
-        Per-step scalars (TensorBoard) go here; the non-finite guard runs just before (`NonFiniteGuard`)."""
+        """After each optimizer step (`self.step` counts it): EMA, the per-step loss log, the callbacks."""
         if self.ema is not None:
             self.ema.update(self.model)
         if self.step % self.config.log_every == 0 or self.step == 1:
             self.log_step(loss)
-        if self.tensorboard is not None:
-            self.tensorboard.after_step(self)
+        for callback in self.callbacks:
+            callback.on_step(self)
 
     def obey(self, decision: Decision) -> Decision:
         """Act on the non-finite guard's decision: stop the run, or lower the learning rate after a skipped step."""
@@ -568,69 +485,10 @@ class Trainer:
             self.metrics.write()
             self.step_log.write()
             self.save(self.run_dir, elapsed=row["elapsed_s"], rng=rng)
-        self.after_eval(row, seconds=self.clock() - t)
-
-    def after_eval(self, row: dict, *, seconds: float) -> None:
-        """After each evaluation + save: curves.png and the log line. Per-evaluation callbacks (TensorBoard
-        scalars and images) go here."""
-        if not self.is_main:
-            return
-        if self.plot_curves(self.run_dir, self.metrics.rows) is None and not self.noted_no_plot:
-            self.log("matplotlib is not installed: no curves.png (pip install 'vitlab[plot]')")
-            self.noted_no_plot = True
-        shown = [f"{k} {row[k]:.4f}" if "loss" in k else f"{k} {row[k]:.2%}"
-                 for k in ("train_loss", "train_acc", "test_loss", "test_top1", "val_top1") if row.get(k) is not None]
-        left = "" if self.finished else f", ~{self.minutes_left(seconds):.1f} min left"
-        self.log(f"epoch {self.epoch}  step {self.step}  {'  '.join(shown)}  lr {self.lr:.2e}  "
-                 f"{row['images_per_sec']:.0f} img/s  ({row['elapsed_s'] / 60:.1f} min{left}; "
-                 f"eval+save {seconds:.1f} s)")
-        if self.tensorboard is not None:
-            self.tensorboard.after_eval(self)
-
-    def minutes_left(self, eval_s: float) -> float:
-        """From the last epoch's speed (to the deadline under a time budget)."""
-        if self.budget is not None:
-            return max(self.budget.left(), 0.0) / 60
-        steps = self.total_steps - self.step
-        train_s = steps * self.global_batch / max(self.epoch_stats["images_per_sec"], 1e-9)
-        return (train_s + math.ceil(steps / self.steps_per_epoch) * eval_s) / 60
-
-    def plot_curves(self, run_dir: Path, rows: list[dict]) -> Path | None:
-        plots = figures()
-        if plots is None or not rows:
-            return None
-        fig = plots.plot_curves(rows, title=f"{self.run_dir.name}: {self.task.describe(self.model)}")
-        return plots.save_figure(fig, run_dir / CURVES_PNG)
-
-    def checkpoint(self, loss_sum: torch.Tensor, correct: torch.Tensor | None) -> None:
-        """A mid-epoch checkpoint (config.checkpoint_every): what a resume needs, without evaluating, with the
-        epoch's training loss and accuracy sums so far (over the ranks)."""
-        rng = gather_rng(self.generators)
-        sums = all_reduce_sum({"loss": loss_sum, "correct": 0 if correct is None else correct})
-        sums = {"loss": sums["loss"] / self.world_size, "correct": None if correct is None else int(sums["correct"])}
-        if self.is_main:
-            self.step_log.write()
-            self.write_checkpoint(self.run_dir, elapsed=round(self.elapsed(), 2), rng=rng, epoch_sums=sums)
+        for callback in self.callbacks:
+            callback.on_eval(self, row, seconds=self.clock() - t)
 
     def save(self, run_dir: Path, *, elapsed: float = 0.0, rng: dict | None = None) -> None:
         """The run's weights (EMA when on) as the task's model dir, then the resumable checkpoint."""
         self.task.save(self.ema.module if self.ema is not None else self.model, run_dir)
-        self.write_checkpoint(run_dir, elapsed=elapsed, rng=rng)
-
-    def write_checkpoint(self, run_dir: Path, *, elapsed: float, rng: dict | None = None,
-                         epoch_sums: dict | None = None) -> None:
-        """`rng`: every rank's generator states (`gather_rng`), default this process's; `epoch_sums`: a
-        mid-epoch checkpoint's training sums."""
-        opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
-        tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors,
-                   "rng": rng if rng is not None else rng_states(self.generators)}
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
-        state = {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
-                 "schedule": self.schedule.state_dict(), "optimizer": opt_meta,
-                 "ema_updates": self.ema.updates if self.ema is not None else 0,
-                 "elapsed_s": elapsed, "finished": self.finished,
-                 "budget": self.budget.state_dict() if self.budget is not None else None,
-                 "guard": self.guard.state_dict(), "task": self.task.state_dict(), "world_size": self.world_size,
-                 "epoch_sums": epoch_sums or {}}
-        save_checkpoint(run_dir, tensors=tensors, state=state)
+        write_checkpoint(self, run_dir, elapsed=elapsed, rng=rng)

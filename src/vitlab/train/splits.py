@@ -20,7 +20,7 @@ from vitlab.data import (
 from vitlab.data.folder import decode_image
 from vitlab.data.stream import scan_folder
 from vitlab.errors import VitlabError
-from vitlab.train.recipes import TrainConfig
+from vitlab.train.recipes import RunConfig, TrainConfig
 
 KNOWN_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 VAL_SEED_OFFSET = 7919  # the val split uses its own generator, so it never shifts the training order
@@ -30,9 +30,9 @@ STATS_IMAGES = 1000  # training images (a seeded sample) the normalisation stati
 FOLDER_SIZE = 32  # image-folder side when the config's image_size is 0
 
 
-def folder_image_size(config) -> int:
+def folder_image_size(config: TrainConfig) -> int:
     """The side image folders are decoded to: config.image_size, 32 when it is 0."""
-    return getattr(config, "image_size", 0) or FOLDER_SIZE
+    return config.image_size or FOLDER_SIZE
 
 
 @dataclass
@@ -65,17 +65,16 @@ def subset(ds: ImageDataset, index: torch.Tensor) -> ImageDataset:
     return ImageDataset(ds.images[index], ds.labels[index], ds.classes)
 
 
-def load_splits(config: TrainConfig, data: str | Path | None = None, *, download: bool | None = None) -> Splits:
+def load_splits(config: RunConfig, data: str | Path | None = None, *, download: bool | None = None,
+                image_size: int = 0) -> Splits:
     """Load train and test of `config.dataset`, hold out `val_split` of train, apply the subsets.
 
     The validation images are a seeded random draw (seed = config.seed), the same on every resume.
     `download`: CIFAR only; None downloads a missing dataset into the cache dir (vitlab.data.cifar).
-    With `data_mode` "stream" an image folder stays on disk (vitlab.train.streaming).
+    `image_size`: the side image folders are decoded to (0: FOLDER_SIZE). `stream_splits` leaves a folder on disk.
     """
-    if getattr(config, "data_mode", "memory") == "stream":
-        return stream_splits(config, data)
     root = resolve_data_dir(data, config.dataset)
-    kw = {"download": download} if config.dataset.startswith("cifar") else {"image_size": folder_image_size(config)}
+    kw = {"download": download} if config.dataset.startswith("cifar") else {"image_size": image_size or FOLDER_SIZE}
     train = load_dataset(config.dataset, root, "train", **kw)
     test = load_dataset(config.dataset, root, "test", **kw)
     val = None
@@ -133,7 +132,8 @@ def sample_stats(files: list[Path], size: int, *, seed: int, n: int = STATS_IMAG
 
 def stream_splits(config: TrainConfig, data: str | Path | None) -> Splits:
     """train / test of an image folder as StreamedSplits, the statistics from a sample of train (rank 0's)."""
-    given = [f for f in ("val_split", "train_subset", "test_subset") if getattr(config, f)]
+    given = [name for name, value in (("val_split", config.val_split), ("train_subset", config.train_subset),
+                                      ("test_subset", config.test_subset)) if value]
     if given:
         raise VitlabError(f"--{given[0].replace('_', '-')} needs the data in memory; with --data-mode stream, "
                           "give the folder the train/ and test/ (or val/) splits to use")

@@ -33,6 +33,7 @@ from vitlab.inspect.attention import (
     to_grid,
 )
 from vitlab.inspect.explain import prediction_labels
+from vitlab.train.callbacks import Callback
 from vitlab.train.metrics import figures
 
 if TYPE_CHECKING:
@@ -110,14 +111,14 @@ class RolloutProbe:
         return np.asarray(Image.open(buf).convert("RGB"))
 
 
-class TensorBoardLog:
-    """A run's event files: `after_step` and `after_eval` write what the loop has just logged."""
+class TensorBoardLog(Callback):
+    """A run's event files: `on_step` and `on_eval` write what the loop has just logged."""
 
     def __init__(self, writer, probe: RolloutProbe | None, *, start: int) -> None:
         self.writer, self.probe = writer, probe
         self.step_done = self.eval_done = start - 1  # the last step written; from `start` on, all is (re)written
 
-    def after_step(self, trainer: Trainer) -> None:
+    def on_step(self, trainer: Trainer) -> None:
         rows = trainer.step_log.rows
         if rows and rows[-1]["step"] > self.step_done:  # a new point of steps.jsonl
             self.write_steps(rows)
@@ -129,7 +130,7 @@ class TensorBoardLog:
                     self.writer.add_scalar(tag, v, row["step"])
         self.step_done = rows[-1]["step"]
 
-    def after_eval(self, trainer: Trainer) -> None:
+    def on_eval(self, trainer: Trainer, row: dict | None = None, *, seconds: float = 0.0) -> None:
         if trainer.step_log.rows:
             self.write_steps(trainer.step_log.rows)  # the epoch's last point, logged after the last step
         for row in trainer.metrics.rows:
@@ -143,7 +144,7 @@ class TensorBoardLog:
                         self.writer.add_image(ROLLOUT_TAG, img, trainer.step, dataformats="HWC")
         self.writer.flush()  # an evaluation's numbers are on disk before the next epoch starts
 
-    def close(self) -> None:
+    def on_end(self, trainer: Trainer | None = None) -> None:
         self.writer.close()
 
 
@@ -167,5 +168,5 @@ def open_tensorboard(trainer: Trainer) -> TensorBoardLog | None:
     writer = SummaryWriter(str(trainer.run_dir / TB_DIR), purge_step=trainer.step, flush_secs=FLUSH_SECS)
     tb = TensorBoardLog(writer, probe, start=trainer.step)
     if trainer.step:  # resumed: the restored step's evaluation, and anything the purge marker hid, again
-        tb.after_eval(trainer)
+        tb.on_eval(trainer)
     return tb
