@@ -145,3 +145,10 @@ def test_lower_layers_never_import_higher_ones():
     upward = {(a, b) for a, targets in graph.items() for b in targets if layer(b) > layer(a)}
     assert upward - KNOWN_UPWARD == set()
     assert KNOWN_UPWARD - upward == set()  # a fixed one leaves the list
+
+
+def test_the_trainer_fits_in_a_head():
+    """The shared loop's class stays small (issue 20: <= 250 lines); reporting, checkpoints and probes live apart."""
+    tree = ast.parse((SRC / "train" / "loop.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert trainer.end_lineno - trainer.lineno + 1 <= 250

@@ -10,6 +10,7 @@ from vitlab.model import VisionTransformer
 from vitlab.train import callbacks, load_checkpoint, resolve_recipe, resume, runstate, train
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.loop import Trainer
+from vitlab.train.probes import probe_epoch_end, probe_step
 from vitlab.weights import load_state_dict
 
 # Tiny but with every source of randomness on: dropout, drop-path, EMA, TrivialAugment, mixup/cutmix,
@@ -145,8 +146,8 @@ def test_timing_leaves_no_trace(tmp_path, cifar_dir, precision):
     trainer = Trainer(task, tmp_path, record={}, progress=False, log=lambda s: None)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     rng = [torch.get_rng_state()] + [g.get_state() for g in trainer.generators.values()]
-    timed = trainer.time_epoch_end()
-    assert trainer.time_step() > 0 and timed["epoch_end_s"] > 0 and timed["final_s"] == 0  # no TTA
+    timed = probe_epoch_end(trainer)
+    assert probe_step(trainer) > 0 and timed["epoch_end_s"] > 0 and timed["final_s"] == 0  # no TTA
     assert_same(before, trainer.model.state_dict())
     for a, b in zip(rng, [torch.get_rng_state()] + [g.get_state() for g in trainer.generators.values()]):
         assert torch.equal(a, b)

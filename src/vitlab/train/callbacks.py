@@ -1,7 +1,8 @@
 """What the loop calls at its named points, so that reporting stays out of it: `on_step` after each optimizer step,
 `on_eval` after each evaluation + save (with the new metrics row), `on_end` when the run stops (done or not).
 
-A callback reads the Trainer and never edits it. `Report` writes curves.png and the epoch's log line;
+A callback reads the Trainer and never edits it. `EmaUpdate` moves the EMA of the weights, `Report` writes
+curves.png and the epoch's log line;
 `vitlab.train.tensorboard.TensorBoardLog` writes the event files.
 """
 
@@ -15,6 +16,7 @@ from vitlab.train.metrics import CURVES_PNG, figures
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from vitlab.train.ema import ModelEma
     from vitlab.train.loop import Trainer
 
 
@@ -27,6 +29,16 @@ class Callback:
 
     def on_end(self, trainer: Trainer) -> None:
         """When the run stops, finished or interrupted."""
+
+
+class EmaUpdate(Callback):
+    """The EMA of the weights follows each optimizer step (it is evaluated and saved in their place)."""
+
+    def __init__(self, ema: ModelEma) -> None:
+        self.ema = ema
+
+    def on_step(self, trainer: Trainer) -> None:
+        self.ema.update(trainer.model)
 
 
 def plot_curves(trainer: Trainer, run_dir: Path, rows: list[dict]) -> Path | None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from vitlab.errors import VitlabError
 from vitlab.speed import TrainStep
 from vitlab.train.budget import Budget
-from vitlab.train.callbacks import Callback, Report, plot_curves
+from vitlab.train.callbacks import Callback, EmaUpdate, Report
 from vitlab.train.checkpoint import (
     check_record,
     has_checkpoint,
@@ -48,9 +48,8 @@ from vitlab.train.parallel import (
     restarted_run,
     seed_rank,
 )
-from vitlab.train.probes import time_epoch_end, time_steps
 from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig, resolve_recipe
-from vitlab.train.runstate import mid_epoch_checkpoint, restore, write_checkpoint, write_run_files
+from vitlab.train.runstate import mid_epoch_checkpoint, plan_run, refit, restore, write_checkpoint, write_run_files
 from vitlab.train.runtime import resolve_device
 from vitlab.train.streaming import classify_task
 from vitlab.train.task import Batch, Task
@@ -159,13 +158,8 @@ def read_run(run_dir: str | Path, config_class: type[RunConfig],
 
 # ---- the shared loop ------------------------------------------------------------------------------------
 class Trainer:
-    """State of one run of a `Task`; `run()` trains it to the end. Read top to bottom: setup, plan, loop,
-    epoch end.
-
-    Places later features hook into: `after_step` (per-step checks such as a non-finite-loss guard, per-step
-    scalars), `after_eval` (per-evaluation callbacks: figures, TensorBoard), `epoch_order` (a distributed
-    rank's shard of the permutation), `is_main` (only rank 0 writes), `Task.build_model` (initial weights).
-    """
+    """State of one run of a `Task`; `run()` trains it to the end. Read top to bottom: setup, loop, epoch end.
+    Reporting hooks in as callbacks (`on_step`, `on_eval`, `on_end`: vitlab.train.callbacks)."""
 
     def __init__(self, task: Task, run_dir: str | Path, *, record: dict, progress: bool = True,
                  log: Callable[[str], None] = tqdm.write, resuming: bool = False,
@@ -179,7 +173,6 @@ class Trainer:
         if self.rank:  # only rank 0 logs and shows progress
             self.log, self.progress = (lambda s: None), False
         torch.manual_seed(c.seed)  # global RNG (CPU and CUDA): dropout and drop-path
-
         self.model = task.build_model().to(self.device)
         seed_rank(task.generators, seed=c.seed)  # ranks > 0: their own dropout and augmentation streams
         self.forward = torch.compile(self.model) if c.compile else self.model  # for evaluation
@@ -191,26 +184,21 @@ class Trainer:
                                        track_grad_norm=True, skip_nonfinite=c.on_nonfinite == "skip")
         self.ema = ModelEma(self.model, decay=c.ema) if c.ema else None
         data_parallel(self.train_step_fn)  # several processes: DDP averages the gradients over them
-        # NaN/Inf loss or gradient norm: stop, or skip the step (read every step on a CPU, else every log_every)
         self.guard = NonFiniteGuard(c.on_nonfinite, every=1 if self.device.type == "cpu" else c.log_every,
-                                    run_dir=self.run_dir, lr=c.lr, grad_clip=c.grad_clip)
-
+                                    run_dir=self.run_dir, lr=c.lr, grad_clip=c.grad_clip)  # NaN/Inf: stop or skip
         # per process and over all processes: --batch-size per process; a resumed run keeps its global batch
         self.batch_size, self.global_batch = batch_sizes(c.batch_size, task.train_size, record.get("plan"))
         self.steps_per_epoch = max(1, task.train_size // self.global_batch)  # drop the last partial batch, as timm
         self.total_steps = self.capped(max(1, round(c.epochs * self.steps_per_epoch)))  # a budget refits it
         self.schedule = WarmupCosine(c.lr, self.total_steps, self.warmup_steps(self.total_steps), c.min_lr,
                                      decay=c.decay)
-        # relative cost of a step at each input size (progressive resizing), measured by time_step
+        # relative cost of a step at each input size (progressive resizing), measured by probe_step
         self.step_cost: dict = {size: 1.0 for size in task.input_sizes()}
-        uneven = len(self.step_cost) > 1
         self.budget = Budget(c.time_budget * 60, steps_per_epoch=self.steps_per_epoch, clock=clock, start=self.t0,
-                             work=self.work if uneven else None) if c.time_budget else None
+                             work=self.work if len(self.step_cost) > 1 else None) if c.time_budget else None
         task.set_schedule(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
-        self.metrics = MetricsLog(self.run_dir)
-        self.step_log = MetricsLog(self.run_dir, STEPS, columns=None)
-        self.step, self.epoch, self.elapsed_before, self.finished = 0, 0, 0.0, False
-        self.lr = c.lr
+        self.metrics, self.step_log = MetricsLog(self.run_dir), MetricsLog(self.run_dir, STEPS, columns=None)
+        self.step, self.epoch, self.elapsed_before, self.finished, self.lr = 0, 0, 0.0, False, c.lr
         self.epoch_stats: dict = {}  # train_loss, train_acc, images_per_sec of the last epoch
         self.carried: dict = {}  # training sums of the epoch a mid-epoch checkpoint was taken in
         self.logged_total = self.total_steps  # the schedule length last reported in the log
@@ -236,45 +224,7 @@ class Trainer:
 
     def warmup_steps(self, total: int) -> int:
         warmup = min(round(self.config.warmup_epochs * self.steps_per_epoch), total)
-        if self.config.time_budget:  # a budget may cut the run far below the recipe's epochs: keep warmup <= 1/5
-            warmup = min(warmup, total // 5)
-        return warmup
-
-    # ---- setup -----------------------------------------------------------------------------------------
-    def plan(self) -> None:
-        """Number of steps and schedule: from the record when resuming, else the epochs or the time budget."""
-        plan = self.record.get("plan")
-        if plan is None:
-            if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            timed = {}
-            if self.budget is not None:
-                timed = {"step_s": self.time_step(), **self.time_epoch_end()}
-                total = agreed(self.capped(self.budget.plan(step=0, **timed)) if self.is_main else None)  # rank 0's
-                self.set_total_steps(total)
-                self.schedule = dataclasses.replace(self.schedule, warmup_steps=self.warmup_steps(total))
-                self.log(f"time budget {self.config.time_budget:g} min: {timed['step_s']:.3f} s/step, "
-                         f"{timed['epoch_end_s']:.1f} s per evaluation + save -> {total} steps "
-                         f"({total / self.steps_per_epoch:.1f} epochs)")
-            plan = {"precision": self.precision, "total_steps": self.total_steps,
-                    "warmup_steps": self.schedule.warmup_steps, "steps_per_epoch": self.steps_per_epoch,
-                    "batch_size": self.batch_size, "global_batch_size": self.global_batch,
-                    "world_size": self.world_size, **{k: round(v, 4) for k, v in timed.items()}}
-            if len(self.step_cost) > 1:
-                plan["step_cost"] = [[size, round(c, 4)] for size, c in self.step_cost.items()]
-            if self.budget is not None:
-                plan["exit_s"] = round(self.budget.exit_s, 3)
-        elif self.budget is not None:  # resuming: go on from the first process's timings (a checkpoint's are newer)
-            self.budget.load_state_dict({"step_s": plan.get("step_s", 0.0),
-                                         "epoch_ends": [plan.get("epoch_end_s", 0.0)],
-                                         "final_s": plan.get("final_s", 0.0)})  # older plans: inside exit_s
-            self.budget.exit_s = plan.get("exit_s", self.budget.exit_s)
-        if "step_cost" in plan:
-            self.step_cost = {int(size): float(c) for size, c in plan["step_cost"]}
-        self.set_total_steps(plan["total_steps"])
-        self.schedule = dataclasses.replace(self.schedule, warmup_steps=plan["warmup_steps"])
-        self.record["plan"] = plan
-        self.logged_total = self.total_steps
+        return min(warmup, total // 5) if self.config.time_budget else warmup  # a budget may cut the run short
 
     def set_total_steps(self, total: int) -> None:
         """Move the end of the run (and of the cosine, and of the task's schedules) to step `total`."""
@@ -289,25 +239,6 @@ class Trainer:
     def step_units(self, step: int) -> float:
         return self.step_cost.get(self.task.step_size(step), 1.0)
 
-    def time_step(self) -> float:
-        """Seconds per step at the last input size; `step_cost` gets the others' relative cost."""
-        timed = time_steps(self.train_step, self.task, model=self.model, optimizer=self.optimizer,
-                           generators=self.generators, batch_size=self.batch_size, sizes=list(self.step_cost),
-                           device=self.device, clock=self.clock)
-        seconds = list(timed.values())[-1]  # the last size: the data's own
-        self.step_cost = {size: t / seconds for size, t in timed.items()}
-        return seconds
-
-    def time_epoch_end(self) -> dict[str, float]:
-        rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
-
-        def save(scratch: Path) -> None:  # what an epoch end writes: run dir, checkpoint, curves
-            self.save(scratch)
-            plot_curves(self, scratch, rows)
-        return time_epoch_end(self.task, self.eval_model, precision=self.precision, run_dir=self.run_dir,
-                              eval_batch_size=self.config.eval_batch_size, save=save if self.is_main else None,
-                              device=self.device, clock=self.clock)
-
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train to the end, the only writer of the run dir (`vitlab.train.guard.claim_run_dir`)."""
@@ -320,7 +251,7 @@ class Trainer:
             return self.run_locked()
 
     def run_locked(self) -> TrainResult:
-        self.plan()
+        plan_run(self)
         if self.resuming and has_checkpoint(self.run_dir):
             restore(self)
             if self.finished:
@@ -328,7 +259,8 @@ class Trainer:
                 return self.result()
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
         write_run_files(self)
-        self.callbacks = [Report(), *filter(None, [open_tensorboard(self)])]
+        self.callbacks = [*([EmaUpdate(self.ema)] if self.ema is not None else []), Report(),
+                          *filter(None, [open_tensorboard(self)])]
         self.log(f"training {self.task.describe(self.model)} on {self.task.train_size} images, {self.total_steps} "
                  f"steps of {describe_batch(self.batch_size)} ({self.num_epochs} epochs), {self.precision} on "
                  f"{self.device}")
@@ -352,8 +284,7 @@ class Trainer:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
     def epoch_order(self) -> torch.Tensor:
-        """This rank's share of the epoch's order of the training examples, on the device: torch's
-        DistributedSampler draw (seed + epoch), so global batch k is the same whatever the number of ranks."""
+        """This rank's share of the epoch's order (DistributedSampler's draw: batch k the same on any world size)."""
         return shard_permutation(self.task.train_size, seed=self.config.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size, drop_last=True).to(self.device)
 
@@ -397,7 +328,7 @@ class Trainer:
             if self.budget is not None:
                 self.budget.observe_step(units=self.step_units(self.step - 1))
                 if agreed(self.budget.refit_due()):
-                    self.refit()
+                    refit(self)
                     bar.total = min(self.steps_per_epoch - start, max(self.total_steps - first, 0)) * bs
             every = self.config.checkpoint_every
             if every and self.step % every == 0 and i + 1 < self.steps_per_epoch and self.step < self.total_steps:
@@ -428,12 +359,10 @@ class Trainer:
         if self.budget is not None:
             self.budget.observe_epoch_end(self.clock() - t)
             if not finished:
-                self.refit()
+                refit(self)
 
     def after_step(self, batch: Batch, loss: torch.Tensor, outputs) -> None:
-        """After each optimizer step (`self.step` counts it): EMA, the per-step loss log, the callbacks."""
-        if self.ema is not None:
-            self.ema.update(self.model)
+        """After each optimizer step (`self.step` counts it): the per-step loss log, the callbacks (EMA first)."""
         if self.step % self.config.log_every == 0 or self.step == 1:
             self.log_step(loss)
         for callback in self.callbacks:
@@ -444,8 +373,7 @@ class Trainer:
         if decision is Decision.STOP:
             raise DivergedError(self.guard.reason)
         if decision is Decision.SKIP:
-            s = self.schedule
-            self.schedule = dataclasses.replace(s, base_lr=s.base_lr * LR_FACTOR, min_lr=s.min_lr * LR_FACTOR)
+            self.schedule = self.schedule.scaled(LR_FACTOR)
             self.log(f"{self.guard.reason}; peak learning rate lowered to {self.schedule.base_lr:.3g}")
         return decision
 
@@ -455,19 +383,6 @@ class Trainer:
             self.step_log.append({"step": self.step, "epoch": self.epoch + 1, "loss": round(loss.item(), 5),
                                   "lr": self.lr, "elapsed_s": round(self.elapsed(), 3)})
 
-    def refit(self) -> None:
-        """Under a time budget, move the end of the schedule to what now fits (vitlab.train.budget.Budget.fit).
-
-        The first plan came from a few timed steps; a shared machine can run slower or faster since. Moving
-        the end of the cosine a little at each refit keeps the schedule whole, where the hard stop would cut it.
-        """
-        total = agreed(self.capped(self.budget.fit(self.step)))  # rank 0's: every rank takes as many steps
-        if total != self.total_steps:
-            self.set_total_steps(total)
-            if abs(total - self.logged_total) > max(0.05 * self.logged_total, 10):  # news, not jitter
-                self.log(f"time budget: the schedule now ends at step {total} instead of {self.logged_total}")
-                self.logged_total = total
-
     # ---- end of epoch ----------------------------------------------------------------------------------
     def end_epoch(self, *, finished: bool) -> None:
         """Evaluate, then write metrics, run dir and checkpoint (in that order: see MetricsLog)."""
@@ -476,8 +391,7 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.step, **self.epoch_stats}
         row.update(self.task.evaluate(self.eval_model, precision=self.precision, progress=self.progress,
                                       final=finished))
-        row["lr"] = self.lr
-        row["elapsed_s"] = round(self.elapsed(), 2)
+        row.update(lr=self.lr, elapsed_s=round(self.elapsed(), 2))
         self.metrics.append(row)
         self.finished = finished
         rng = gather_rng(self.generators)  # every rank's (a collective)

@@ -3,6 +3,7 @@ cosine learning-rate schedule."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -209,6 +210,10 @@ class WarmupCosine:
 
     def state_dict(self) -> dict:
         return asdict(self)
+
+    def scaled(self, factor: float) -> WarmupCosine:
+        """This schedule with its peak and floor times `factor` (the NaN guard's skip mode lowers both)."""
+        return dataclasses.replace(self, base_lr=self.base_lr * factor, min_lr=self.min_lr * factor)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every group's lr for `step` (times the group's "lr_scale" under layer decay); returns it."""

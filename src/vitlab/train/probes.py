@@ -9,12 +9,17 @@ import copy
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vitlab.train.budget import seconds_per_call
+from vitlab.train.callbacks import plot_curves
 from vitlab.train.checkpoint import SCRATCH_PREFIX, restore_rng, rng_states
 from vitlab.train.task import Batch, Task
+
+if TYPE_CHECKING:
+    from vitlab.train.loop import Trainer
 
 
 def time_steps(step: Callable[[Batch], object], task: Task, *, model: torch.nn.Module,
@@ -53,3 +58,26 @@ def time_epoch_end(task: Task, eval_model: torch.nn.Module, *, precision: str, e
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=run_dir) as scratch:
         t_save = seconds_per_call(lambda: save(Path(scratch)), warmup=1, repeats=1, clock=clock)  # warmup: imports
     return {"epoch_end_s": t_eval + t_save, "final_s": final_s}
+
+
+# ---- on a Trainer, before its run starts -----------------------------------------------------------------
+def probe_step(trainer: Trainer) -> float:
+    """Seconds per step at the last input size; `step_cost` gets the others' relative cost."""
+    timed = time_steps(trainer.train_step, trainer.task, model=trainer.model, optimizer=trainer.optimizer,
+                       generators=trainer.generators, batch_size=trainer.batch_size, sizes=list(trainer.step_cost),
+                       device=trainer.device, clock=trainer.clock)
+    seconds = list(timed.values())[-1]  # the last size: the data's own
+    trainer.step_cost = {size: t / seconds for size, t in timed.items()}
+    return seconds
+
+
+def probe_epoch_end(trainer: Trainer) -> dict[str, float]:
+    """`time_epoch_end` of the trainer's evaluation and of a save of everything an epoch end writes."""
+    rows = [{"epoch": 1, "step": 1, "train_loss": 1.0, "test_top1": 0.5, "lr": 1.0}]
+
+    def save(scratch: Path) -> None:  # what an epoch end writes: run dir, checkpoint, curves
+        trainer.save(scratch)
+        plot_curves(trainer, scratch, rows)
+    return time_epoch_end(trainer.task, trainer.eval_model, precision=trainer.precision, run_dir=trainer.run_dir,
+                          eval_batch_size=trainer.config.eval_batch_size, save=save if trainer.is_main else None,
+                          device=trainer.device, clock=trainer.clock)

@@ -1,8 +1,10 @@
 """What a run keeps on disk besides its metrics: train_config.json (`write_run_files`), the all-or-nothing
-checkpoint of the Trainer's state (`write_checkpoint`, also mid-epoch: `mid_epoch_checkpoint`) and its restore."""
+checkpoint of the Trainer's state (`write_checkpoint`, also mid-epoch: `mid_epoch_checkpoint`) and its restore,
+and the run's plan (steps, schedule, batch; under a time budget from the timing probes), recorded once per run."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 from pathlib import Path
@@ -21,7 +23,8 @@ from vitlab.train.checkpoint import (
 )
 from vitlab.train.distributed import all_reduce_sum
 from vitlab.train.optim import WarmupCosine
-from vitlab.train.parallel import gather_rng, launch_record, read_epoch_sums, restore_rank_rng
+from vitlab.train.parallel import agreed, gather_rng, launch_record, read_epoch_sums, restore_rank_rng
+from vitlab.train.probes import probe_epoch_end, probe_step
 from vitlab.train.recipes import RUN_CONFIG
 from vitlab.weights import load_into, write_json
 
@@ -63,7 +66,7 @@ def restore(trainer: Trainer) -> None:
     trainer.elapsed_before, trainer.finished = state["elapsed_s"], state.get("finished", False)
     trainer.schedule = WarmupCosine(**check_schedule(state["schedule"], f"{source} state.json"))
     trainer.total_steps = check_total_steps(state, trainer.total_steps, timed=trainer.budget is not None,
-                                         source=f"{source} state.json")
+                                            source=f"{source} state.json")
     trainer.guard.load_state_dict(state.get("guard", {}), source=f"{source} state.json")
     if trainer.budget is not None:
         trainer.budget.carry_over(trainer.elapsed_before)
@@ -101,3 +104,54 @@ def write_checkpoint(trainer: Trainer, run_dir: Path, *, elapsed: float, rng: di
              "guard": trainer.guard.state_dict(), "task": trainer.task.state_dict(), "world_size": trainer.world_size,
              "epoch_sums": epoch_sums or {}}
     save_checkpoint(run_dir, tensors=tensors, state=state)
+
+
+def plan_run(trainer: Trainer) -> None:
+    """Number of steps and schedule: from the record when resuming, else the epochs or the time budget."""
+    plan = trainer.record.get("plan")
+    if plan is None:
+        if trainer.is_main:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        timed = {}
+        if trainer.budget is not None:
+            timed = {"step_s": probe_step(trainer), **probe_epoch_end(trainer)}
+            budgeted = trainer.capped(trainer.budget.plan(step=0, **timed)) if trainer.is_main else None
+            total = agreed(budgeted)  # rank 0's
+            trainer.set_total_steps(total)
+            trainer.schedule = dataclasses.replace(trainer.schedule, warmup_steps=trainer.warmup_steps(total))
+            trainer.log(f"time budget {trainer.config.time_budget:g} min: {timed['step_s']:.3f} s/step, "
+                        f"{timed['epoch_end_s']:.1f} s per evaluation + save -> {total} steps "
+                        f"({total / trainer.steps_per_epoch:.1f} epochs)")
+        plan = {"precision": trainer.precision, "total_steps": trainer.total_steps,
+                "warmup_steps": trainer.schedule.warmup_steps, "steps_per_epoch": trainer.steps_per_epoch,
+                "batch_size": trainer.batch_size, "global_batch_size": trainer.global_batch,
+                "world_size": trainer.world_size, **{k: round(v, 4) for k, v in timed.items()}}
+        if len(trainer.step_cost) > 1:
+            plan["step_cost"] = [[size, round(c, 4)] for size, c in trainer.step_cost.items()]
+        if trainer.budget is not None:
+            plan["exit_s"] = round(trainer.budget.exit_s, 3)
+    elif trainer.budget is not None:  # resuming: go on from the first process's timings (a checkpoint's are newer)
+        trainer.budget.load_state_dict({"step_s": plan.get("step_s", 0.0),
+                                        "epoch_ends": [plan.get("epoch_end_s", 0.0)],
+                                        "final_s": plan.get("final_s", 0.0)})  # older plans: inside exit_s
+        trainer.budget.exit_s = plan.get("exit_s", trainer.budget.exit_s)
+    if "step_cost" in plan:
+        trainer.step_cost = {int(size): float(c) for size, c in plan["step_cost"]}
+    trainer.set_total_steps(plan["total_steps"])
+    trainer.schedule = dataclasses.replace(trainer.schedule, warmup_steps=plan["warmup_steps"])
+    trainer.record["plan"] = plan
+    trainer.logged_total = trainer.total_steps
+
+
+def refit(trainer: Trainer) -> None:
+    """Under a time budget, move the end of the schedule to what now fits (vitlab.train.budget.Budget.fit).
+
+    The first plan came from a few timed steps; a shared machine can run slower or faster since. Moving
+    the end of the cosine a little at each refit keeps the schedule whole, where the hard stop would cut it.
+    """
+    total = agreed(trainer.capped(trainer.budget.fit(trainer.step)))  # rank 0's: every rank takes as many steps
+    if total != trainer.total_steps:
+        trainer.set_total_steps(total)
+        if abs(total - trainer.logged_total) > max(0.05 * trainer.logged_total, 10):  # news, not jitter
+            trainer.log(f"time budget: the schedule now ends at step {total} instead of {trainer.logged_total}")
+            trainer.logged_total = total
