@@ -32,10 +32,9 @@ from vitlab.model.config import ViTConfig
 from vitlab.preprocess import ImagePreprocess
 from vitlab.speed import resolve_precision
 from vitlab.train.distributed import get_world_size
-from vitlab.train.loop import Trainer, TrainResult, check_new_run_dir, read_run
-from vitlab.train.parallel import evaluate_sharded, first_per_node, joins_torchrun, restarted_run
+from vitlab.train.loop import TrainResult, resume, start
+from vitlab.train.parallel import evaluate_sharded
 from vitlab.train.recipes import RunConfig
-from vitlab.train.runtime import resolve_device
 from vitlab.train.splits import load_splits
 from vitlab.train.task import Batch, Task
 
@@ -131,6 +130,7 @@ class ClipTask(Task):
 
     kind = "clip"
     command = "vitlab train-clip"
+    config_class = ClipTrainConfig
     precisions = ("fp32", "bf16")  # the (images, ids) input has no single dtype for bf16-pure's cast
 
     def __init__(self, config: ClipTrainConfig, *, device: torch.device, data: str | Path | None = None,
@@ -221,7 +221,6 @@ def save_run(model: CLIPModel, tokenizer: ByteTokenizer, out: str | Path, *, mea
     return model.save_pretrained(out, tokenizer=tokenizer, preprocess=preprocess)
 
 
-@joins_torchrun  # under torchrun: this rank's device, in the job's process group
 def train_clip(config: ClipTrainConfig, *, out: str | Path | None = None, data: str | Path | None = None,
                device: str = "auto", progress: bool = True, download: bool | None = None,
                log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> dict:
@@ -230,31 +229,21 @@ def train_clip(config: ClipTrainConfig, *, out: str | Path | None = None, data: 
         with tempfile.TemporaryDirectory(prefix="vitlab-train-clip-") as tmp:
             return train_clip(config, out=Path(tmp) / "run", data=data, device=device, progress=progress,
                               download=download, log=log, started_at=started_at)
-    if restarted_run(out):  # torchrun restarted this job (--max-restarts): go on from its checkpoint
-        return resume_clip(out, data=data, device=device, progress=progress, log=log, started_at=started_at)
-    run_dir = check_new_run_dir(out)
-    task = first_per_node(lambda: ClipTask(config, device=resolve_device(device), data=data, download=download))
-    record = {"task": task.kind, "config": config.to_dict()}
-    trainer = Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at)
-    return summary(trainer.run(), task, global_batch=trainer.global_batch)
+    return summary(start(ClipTask, config, out, data=data, device=device, progress=progress, download=download,
+                         log=log, started_at=started_at))
 
 
-@joins_torchrun
 def resume_clip(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto", progress: bool = True,
                 log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> dict:
     """Continue an interrupted `train-clip` run from its last checkpoint, exactly as if it had never stopped."""
-    run_dir, record, config = read_run(run_dir, ClipTrainConfig, ClipTask)
-    data = data if data is not None else record.get("data", {}).get("root")
-    task = first_per_node(lambda: ClipTask(config, device=resolve_device(device), data=data))
-    trainer = Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True, started_at=started_at)
-    return summary(trainer.run(), task, global_batch=trainer.global_batch)
+    return summary(resume(ClipTask, run_dir, data=data, device=device, progress=progress, log=log,
+                          started_at=started_at))
 
 
-def summary(result: TrainResult, task: ClipTask, *, global_batch: int | None = None) -> dict:
-    """The run in one dict: steps, images, speed, final loss, zero-shot accuracy and the loss curve.
-    `global_batch`: images per step over all processes (default config.batch_size, one process)."""
-    final, config = result.final, task.config
-    batch = global_batch or config.batch_size
+def summary(result: TrainResult) -> dict:
+    """The run in one dict: steps, images, speed, final loss, zero-shot accuracy and the loss curve."""
+    final, task = result.final, result.task
+    config, batch = task.config, result.global_batch or task.config.batch_size  # images per step, all processes
     if not final:
         raise VitlabError(f"{result.run_dir}: no epoch was completed")
     steps, train_s, prev = final["step"], 0.0, 0

@@ -7,9 +7,10 @@ evaluation, prediction.
 """
 
 from vitlab.train.checkpoint import load_checkpoint, save_checkpoint
+from vitlab.train.classification import resume, train
 from vitlab.train.classify import ClassifyTask, build_model
 from vitlab.train.evaluate import EvalResult, evaluate, evaluate_run
-from vitlab.train.loop import Trainer, TrainResult, resume, train
+from vitlab.train.loop import Trainer, TrainResult
 from vitlab.train.metrics import MetricsLog
 from vitlab.train.optim import WarmupCosine, create_optimizer, param_groups
 from vitlab.train.predict import Prediction, predict, preprocess

@@ -1,5 +1,6 @@
-"""The shared training loop: `Trainer` runs any `Task`; `train(config, out=RUN_DIR)` and `resume(RUN_DIR)`
-are the ViT classification run (`vitlab train`), `vitlab.clip.train` the CLIP one (`vitlab train-clip`).
+"""The shared training loop: `Trainer` runs any `Task`; `start(kind, config, out)` and `resume(kind, run_dir)` are
+written once for every kind of run: ViT and CNN-teacher classification (`vitlab.train.classification`, `vitlab
+train`) and CLIP / SigLIP (`vitlab.clip.train`, `vitlab train-clip`).
 
 One step: this epoch's seeded permutation (the `data` generator) picks the batch, the task builds it on the
 device (`Task.batch(index, step)`), `vitlab.speed.TrainStep` runs forward + `Task.loss` + backward + clip +
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -32,7 +34,6 @@ from vitlab.train.checkpoint import (
     check_record,
     has_checkpoint,
 )
-from vitlab.train.classify import ClassifyTask, check_model
 from vitlab.train.distributed import all_reduce_sum, get_rank, get_world_size, shard_permutation
 from vitlab.train.ema import ModelEma
 from vitlab.train.guard import LR_FACTOR, Decision, DivergedError, NonFiniteGuard, claim_run_dir, describe_stop
@@ -48,10 +49,8 @@ from vitlab.train.parallel import (
     restarted_run,
     seed_rank,
 )
-from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig, resolve_recipe
+from vitlab.train.recipes import RUN_CONFIG, RunConfig
 from vitlab.train.runstate import mid_epoch_checkpoint, plan_run, refit, restore, write_checkpoint, write_run_files
-from vitlab.train.runtime import resolve_device
-from vitlab.train.streaming import classify_task
 from vitlab.train.task import Batch, Task
 from vitlab.train.tensorboard import open_tensorboard
 from vitlab.weights import read_json
@@ -62,6 +61,8 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict]  # one row per epoch, as in metrics.jsonl
     steps: list[dict] = field(default_factory=list)  # the loss every log_every steps, as in steps.jsonl
+    task: Task | None = None  # what was trained (its model, data)
+    global_batch: int = 0  # images per step over all processes
 
     @property
     def final(self) -> dict:
@@ -72,63 +73,47 @@ class TrainResult:
         return self.final.get("test_top1", float("nan"))
 
 
-# ---- ViT classification: `vitlab train` ------------------------------------------------------------------
-@joins_torchrun  # under torchrun: this rank's device, in the job's process group
-def train(config: TrainConfig, *, out: str | Path, data: str | Path | None = None, device: str = "auto",
-          progress: bool = True, download: bool | None = None, recipe: str = "", overrides: dict | None = None,
-          log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
-    """Train a new run into `out` (which must not already hold a run; use `resume` for that).
+# ---- any task: written once --------------------------------------------------------------------------------
+class RunKind(Protocol):
+    """What `start` / `resume` need of a kind of run: a Task class (its `open` builds the task) does."""
 
-    `started_at`: the `time.perf_counter()` reading the time budget counts from (the CLI gives the process
-    start); default now.
+    kind: str
+    config_class: type[RunConfig]
+
+    def open(self, config: RunConfig, *, run_dir: Path, device: torch.device, data: str | Path | None,
+             download: bool | None, **run) -> Task: ...
+
+
+@joins_torchrun  # under torchrun: this rank's device, in the job's process group
+def start(task: RunKind, config: RunConfig, out: str | Path, *, data: str | Path | None = None, device: str = "auto",
+          progress: bool = True, download: bool | None = None, record: dict | None = None,
+          log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
+    """Train a new run of `task` into `out` (which must not already hold a run; `resume` continues one).
+
+    `record`: extra fields for train_config.json; `started_at`: the `time.perf_counter()` reading the time
+    budget counts from (the CLI gives the process start); default now.
     """
     if restarted_run(out):  # torchrun restarted this job (--max-restarts): go on from its checkpoint
-        return resume(out, data=data, device=device, progress=progress, log=log, started_at=started_at)
+        return resume(task, out, data=data, device=device, progress=progress, log=log, started_at=started_at)
     run_dir = check_new_run_dir(out)
-    check_model(config)  # a bad --model fails now, not after loading the data
     started_at = time.perf_counter() if started_at is None else started_at
-    teacher = teacher_stage(config, run_dir, data=data, device=device, progress=progress, download=download, log=log,
-                            started_at=started_at)
-    task = classify_task(config, device=resolve_device(device), data=data, download=download, teacher=teacher)
-    record = {"task": task.kind, "recipe": recipe, "overrides": overrides or {}, "config": task.config.to_dict()}
-    return Trainer(task, run_dir, record=record, progress=progress, log=log, started_at=started_at).run()
+    opened = task.open(config, run_dir=run_dir, device=device, data=data, download=download, progress=progress,
+                       log=log, started_at=started_at)
+    record = {"task": task.kind, **(record or {}), "config": opened.config.to_dict()}
+    return Trainer(opened, run_dir, record=record, progress=progress, log=log, started_at=started_at).run()
 
 
 @joins_torchrun
-def resume(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto", progress: bool = True,
-           log: Callable[[str], None] = tqdm.write, started_at: float | None = None) -> TrainResult:
-    """Continue the run in `run_dir` from its last checkpoint, exactly as if it had never stopped."""
-    run_dir, record, config = read_run(run_dir, TrainConfig, ClassifyTask)
+def resume(task: RunKind, run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto",
+           progress: bool = True, log: Callable[[str], None] = tqdm.write,
+           started_at: float | None = None) -> TrainResult:
+    """Continue the run of `task` in `run_dir` from its last checkpoint, exactly as if it had never stopped."""
+    run_dir, record, config = read_run(run_dir, task.config_class, task)
     data = data if data is not None else record.get("data", {}).get("root")
-    teacher = teacher_stage(config, run_dir, data=data, device=device, progress=progress, log=log,
-                            started_at=started_at)
-    task = classify_task(config, device=resolve_device(device), data=data, teacher=teacher)
-    return Trainer(task, run_dir, record=record, progress=progress, log=log, resuming=True,
+    opened = task.open(config, run_dir=run_dir, device=device, data=data, download=None, progress=progress, log=log,
+                       started_at=started_at)
+    return Trainer(opened, run_dir, record=record, progress=progress, log=log, resuming=True,
                    started_at=started_at).run()
-
-
-TEACHER_DIR = "teacher"  # a "stage" teacher's own run dir, inside the student's
-
-
-def teacher_stage(config: TrainConfig, run_dir: Path, *, started_at: float | None, log: Callable[[str], None],
-                  **kw) -> Path | None:
-    """With `teacher="stage"`: train (or finish) the CNN teacher in RUN_DIR/teacher first and return its dir.
-
-    Under a time budget the teacher gets `teacher_share` of it, counted from the same start, so the student's
-    budget holds both: the teacher's time counts in the student's time to accuracy.
-    """
-    if config.teacher != "stage":
-        return None
-    teacher_dir = run_dir / TEACHER_DIR
-    if (teacher_dir / RUN_CONFIG).is_file():
-        return resume(teacher_dir, started_at=started_at, log=log, **{k: v for k, v in kw.items()
-                                                                      if k != "download"}).run_dir
-    budget = {"time_budget": config.time_budget * config.teacher_share} if config.time_budget else {}
-    tc = resolve_recipe(config.teacher_recipe, seed=config.seed, dataset=config.dataset,
-                        train_subset=config.train_subset, test_subset=config.test_subset,
-                        val_split=config.val_split, precision=config.precision, **budget)
-    log(f"distillation: training the teacher first ({tc.model}, recipe {config.teacher_recipe!r}) in {teacher_dir}")
-    return train(tc, out=teacher_dir, started_at=started_at, log=log, recipe=config.teacher_recipe, **kw).run_dir
 
 
 def check_new_run_dir(out: str | Path) -> Path:
@@ -139,13 +124,13 @@ def check_new_run_dir(out: str | Path) -> Path:
 
 
 def read_run(run_dir: str | Path, config_class: type[RunConfig],
-             task_class: type[Task]) -> tuple[Path, dict, RunConfig]:
+             task_class: RunKind) -> tuple[Path, dict, RunConfig]:
     """(run dir, its train_config.json, the config in it) of a run of `task_class`'s kind, for resuming."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitlabError(f"cannot resume: {run_dir} is not a directory")
     record = check_record(read_json(run_dir / RUN_CONFIG), run_dir / RUN_CONFIG)
-    kind = record.get("task", ClassifyTask.kind)  # runs from before tasks were recorded are classification
+    kind = record.get("task", "classify")  # runs from before tasks were recorded are classification
     if kind != task_class.kind:
         raise VitlabError(f"{run_dir} is a {kind!r} run, not a {task_class.kind!r} one; resume it with the command "
                           f"that started it")
@@ -277,7 +262,7 @@ class Trainer:
         return self.result()
 
     def result(self) -> TrainResult:
-        return TrainResult(self.run_dir, self.metrics.rows, self.step_log.rows)
+        return TrainResult(self.run_dir, self.metrics.rows, self.step_log.rows, self.task, self.global_batch)
 
     @property
     def num_epochs(self) -> int:

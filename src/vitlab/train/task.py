@@ -18,6 +18,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.speed import resolve_precision
+from vitlab.train.parallel import first_per_node
 from vitlab.train.recipes import RunConfig
 
 
@@ -42,11 +43,20 @@ class Task:
     kind: ClassVar[str]  # recorded in train_config.json: --resume checks it is given the right kind of run
     command: ClassVar[str]  # the CLI command that trains (and resumes) this kind of run
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "bf16-pure")
+    config_class: ClassVar[type[RunConfig]] = RunConfig  # what `vitlab.train.loop.resume` reads back
 
     def __init__(self, config: RunConfig, *, device: torch.device) -> None:
         self.config = config
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
+
+    @classmethod
+    def open(cls, config: RunConfig, *, device: torch.device, data: str | Path | None = None,
+             download: bool | None = None, **run) -> Task:
+        """The task of a run (`vitlab.train.loop.start` / `resume`), loaded on each machine's first process first
+        (a download or a decode cache is made once per node). `run`: the run's dir, log, ... for kinds that
+        need them."""
+        return first_per_node(lambda: cls(config, device=device, data=data, download=download))
 
     # ---- sizes the loop plans with ---------------------------------------------------------------------
     @property
