@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from vitlab.errors import VitlabError
 from vitlab.model import create_model, parse_variant
-from vitlab.train import callbacks, parallel
+from vitlab.train import callbacks, checkpoint, parallel
 from vitlab.train import distributed as D
-from vitlab.train.evaluate import evaluate
+from vitlab.train.evaluate import evaluate, evaluate_sharded
 from vitlab.train.loop import Trainer
 from vitlab.train.recipes import RunConfig
 from vitlab.train.task import Batch, Task
@@ -62,7 +62,7 @@ class ToyTask(Task):
 
     def evaluate(self, model, *, precision, progress=False, limit=None, final=False):
         images, labels = self.test
-        return parallel.evaluate_sharded(model, images[:limit], labels[:limit], mean=(0.5,) * 3, std=(0.25,) * 3,
+        return evaluate_sharded(model, images[:limit], labels[:limit], mean=(0.5,) * 3, std=(0.25,) * 3,
                                          num_classes=CLASSES, batch_size=5, precision=precision).summary("test_")
 
     def save(self, model, run_dir):
@@ -92,17 +92,17 @@ def _worker(rank, port, out):
         result = {}
         # evaluation: shards of 12 and 11 images, the sums all-reduced
         images, labels = _data(N_TEST, 1)
-        res = parallel.evaluate_sharded(_model(), images, labels, mean=(0.5,) * 3, std=(0.25,) * 3,
+        res = evaluate_sharded(_model(), images, labels, mean=(0.5,) * 3, std=(0.25,) * 3,
                                         num_classes=CLASSES, batch_size=5)
         result["eval"] = (res.loss, res.top1, res.top5, res.count, res.confusion)
         # generators: each rank its own stream; the checkpoint holds all of them
         gens = {"augment": torch.Generator().manual_seed(1)}
-        parallel.seed_rank(gens, seed=0)
-        saved = parallel.gather_rng(gens)
+        checkpoint.seed_rank(gens, seed=0)
+        saved = checkpoint.gather_rng(gens)
         drawn = (torch.rand(3).tolist(), torch.rand(3, generator=gens["augment"]).tolist())
         torch.manual_seed(123)
         gens["augment"].manual_seed(456)
-        parallel.restore_rank_rng(saved, gens, seed=0, step=0, source="test")
+        checkpoint.restore_rank_rng(saved, gens, seed=0, step=0, source="test")
         result["rng"] = {"keys": sorted(saved), "drawn": drawn,
                          "again": (torch.rand(3).tolist(), torch.rand(3, generator=gens["augment"]).tolist())}
         result["agreed"] = parallel.agreed(f"rank {rank}")
@@ -178,11 +178,11 @@ def one_process(monkeypatch):
 def test_one_process_is_unchanged(one_process):
     gens = {"augment": torch.Generator().manual_seed(5)}
     state = gens["augment"].get_state()
-    parallel.seed_rank(gens, seed=0)
+    checkpoint.seed_rank(gens, seed=0)
     assert torch.equal(gens["augment"].get_state(), state)  # rank 0 keeps the single-process seeds
     assert parallel.agreed(7) == 7 and parallel.describe_batch(32) == "32"
     assert parallel.launch_record() == {"world_size": 1}
-    assert sorted(parallel.gather_rng(gens)) == ["gen.augment", "torch"]
+    assert sorted(checkpoint.gather_rng(gens)) == ["gen.augment", "torch"]
 
 
 def test_batch_sizes(one_process, monkeypatch):
@@ -209,8 +209,8 @@ def test_restarted_run_needs_a_restart_of_the_same_job(one_process, monkeypatch,
 
 
 def test_epoch_sums_are_checked(one_process):
-    assert parallel.read_epoch_sums({}, "s") == {}
-    assert parallel.read_epoch_sums({"epoch_sums": {"loss": 3.5, "correct": 4}}, "s") == {"loss": 3.5, "correct": 4}
+    assert checkpoint.read_epoch_sums({}, "s") == {}
+    assert checkpoint.read_epoch_sums({"epoch_sums": {"loss": 3.5, "correct": 4}}, "s") == {"loss": 3.5, "correct": 4}
     for bad in ({"loss": "x"}, {"loss": float("nan")}, {"loss": 1.0, "correct": -1}):
         with pytest.raises(VitlabError, match="epoch_sums"):
-            parallel.read_epoch_sums({"epoch_sums": bad}, "s")
+            checkpoint.read_epoch_sums({"epoch_sums": bad}, "s")

@@ -32,8 +32,8 @@ from vitlab.model.config import ViTConfig
 from vitlab.preprocess import ImagePreprocess
 from vitlab.speed import resolve_precision
 from vitlab.train.distributed import get_world_size
+from vitlab.train.evaluate import evaluate_sharded
 from vitlab.train.loop import TrainResult, resume, start
-from vitlab.train.parallel import evaluate_sharded
 from vitlab.train.recipes import RunConfig
 from vitlab.train.splits import load_splits
 from vitlab.train.task import Batch, Task

@@ -27,11 +27,15 @@ import math
 import numbers
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from vitlab.errors import MissingField, VitlabError, check_count, check_fields, check_number
+from vitlab.train.distributed import get_rank, get_world_size, is_main
 from vitlab.weights import (
     check_finite,
     check_json,
@@ -366,3 +370,65 @@ def restore_rng(states: dict[str, torch.Tensor], generators: dict[str, torch.Gen
             g.set_state(states[f"gen.{k}"])
     except RuntimeError as e:  # right size, impossible content
         raise VitlabError(f"{source}: a random generator state is invalid ({e})") from None
+
+
+# ---- a mid-epoch checkpoint's training sums ---------------------------------------------------------------
+def read_epoch_sums(state: dict, source: str) -> dict:
+    """A mid-epoch checkpoint's training sums so far, checked; {} at an epoch end. Saved over all ranks ("loss":
+    the sum of the steps' global mean losses), so rank 0 alone goes on from them, whatever the world size."""
+    sums = state.get("epoch_sums") or {}
+    if not sums or not is_main():
+        return {}
+    if not isinstance(sums, dict):
+        raise VitlabError(f"{source}: field 'epoch_sums' must be an object, got {sums!r}")
+    correct = sums.get("correct")
+    return {"loss": check_number(sums.get("loss"), "epoch_sums.loss", source) * get_world_size(),
+            "correct": None if correct is None else check_count(correct, "epoch_sums.correct", source)}
+
+
+# ---- randomness ------------------------------------------------------------------------------------------
+def rank_seed(seed: int, rank: int, step: int, name: str) -> int:
+    """A seed for generator `name` of rank `rank` from step `step`, unrelated to every other (seed, rank, step)."""
+    entropy = [seed % 2**32, rank, step, zlib.crc32(name.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def seed_rank(generators: dict[str, torch.Generator], *, seed: int, step: int = 0, rank: int | None = None) -> None:
+    """Give rank r > 0 its own streams: the global torch RNG (dropout, drop path) and every named generator
+    (augmentation). Rank 0 keeps the single-process seeds, so one process is unaffected."""
+    rank = get_rank() if rank is None else rank
+    if rank == 0:
+        return
+    torch.manual_seed(rank_seed(seed, rank, step, "torch"))
+    for name, g in generators.items():
+        g.manual_seed(rank_seed(seed, rank, step, name))
+
+
+def gather_rng(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """Every rank's generator states for the checkpoint: rank 0's under their own names (as one process saves
+    them), rank r's as "rank<r>.<name>". A collective: every rank calls it."""
+    mine = rng_states(generators)
+    if get_world_size() == 1:
+        return mine
+    states: list = [None] * get_world_size()
+    dist.all_gather_object(states, mine)
+    out = dict(states[0])
+    for r, st in enumerate(states[1:], start=1):
+        out.update({f"rank{r}.{k}": v for k, v in st.items()})
+    return out
+
+
+def restore_rank_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Generator], *, seed: int,
+                     step: int, source: str) -> None:
+    """This rank's generator states from a checkpoint written by `gather_rng`: its own when the checkpoint has
+    them (same number of processes or more), else (a rank the saving run did not have) fresh streams."""
+    rank = get_rank()
+    if rank == 0:
+        restore_rng(saved, generators, source=source)
+        return
+    prefix = f"rank{rank}."
+    own = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+    if own:
+        restore_rng(own, generators, source=source)
+    else:
+        seed_rank(generators, seed=seed, step=step, rank=rank)

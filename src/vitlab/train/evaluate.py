@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from vitlab.data import load_dataset, normalize
 from vitlab.errors import VitlabError
 from vitlab.speed import inference_forward
+from vitlab.train.distributed import _collective_device, all_reduce_sum, get_rank, get_world_size
 from vitlab.train.metrics import figures
 from vitlab.train.predict import load_run
 from vitlab.train.recipes import RUN_CONFIG
@@ -142,3 +144,34 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: 
         png = plots.save_figure(fig, run_dir / CONFUSION_PNG)
     out["confusion_png"] = str(png) if png else None
     return out
+
+
+# ---- over several processes ------------------------------------------------------------------------------------------
+def merge_results(results: list[EvalResult], *, across_ranks: bool = True) -> EvalResult:
+    """One EvalResult from several (at least one) over disjoint examples: batches, and with `across_ranks`
+    every rank's (a collective then)."""
+    n = sum(r.count for r in results)
+    sums = {"loss": sum(r.loss * r.count for r in results), "top1": sum(r.top1 * r.count for r in results),
+            "top5": sum(r.top5 * r.count for r in results), "count": n}
+    confusion = torch.stack([r.confusion for r in results]).sum(0)
+    if across_ranks and get_world_size() > 1:
+        sums = all_reduce_sum(sums)
+        confusion = confusion.to(_collective_device())
+        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        confusion = confusion.cpu()
+    count = int(round(sums["count"]))
+    n = max(count, 1)
+    plain = merge_results([r.plain for r in results], across_ranks=across_ranks) \
+        if all(r.plain is not None for r in results) else None
+    return EvalResult(sums["loss"] / n, round(sums["top1"]) / n, round(sums["top5"]) / n, count, confusion, plain)
+
+
+def evaluate_sharded(model, images: torch.Tensor, labels: torch.Tensor, **kw) -> EvalResult:
+    """`vitlab.train.evaluate.evaluate` over all ranks: rank r scores examples r, r + W, r + 2W, ... (the
+    "exact" shard of vitlab.train.distributed.shard: each example once), then the sums are all-reduced.
+    Every rank must call it; one process evaluates everything itself."""
+    world = get_world_size()
+    if world == 1:
+        return evaluate(model, images, labels, **kw)
+    rank = get_rank()
+    return merge_results([evaluate(model, images[rank::world], labels[rank::world], **kw)])

@@ -32,7 +32,9 @@ from vitlab.train.budget import Budget
 from vitlab.train.callbacks import Callback, EmaUpdate, Report
 from vitlab.train.checkpoint import (
     check_record,
+    gather_rng,
     has_checkpoint,
+    seed_rank,
 )
 from vitlab.train.distributed import all_reduce_sum, get_rank, get_world_size, shard_permutation
 from vitlab.train.ema import ModelEma
@@ -44,10 +46,8 @@ from vitlab.train.parallel import (
     batch_sizes,
     data_parallel,
     describe_batch,
-    gather_rng,
     joins_torchrun,
     restarted_run,
-    seed_rank,
 )
 from vitlab.train.recipes import RUN_CONFIG, RunConfig
 from vitlab.train.runstate import mid_epoch_checkpoint, plan_run, refit, restore, write_checkpoint, write_run_files

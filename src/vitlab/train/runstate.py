@@ -15,15 +15,18 @@ import torch
 from vitlab.train.checkpoint import (
     check_schedule,
     check_total_steps,
+    gather_rng,
     load_checkpoint,
     optimizer_to_files,
+    read_epoch_sums,
     restore_optimizer,
+    restore_rank_rng,
     rng_states,
     save_checkpoint,
 )
 from vitlab.train.distributed import all_reduce_sum
 from vitlab.train.optim import WarmupCosine
-from vitlab.train.parallel import agreed, gather_rng, launch_record, read_epoch_sums, restore_rank_rng
+from vitlab.train.parallel import agreed, launch_record
 from vitlab.train.probes import probe_epoch_end, probe_step
 from vitlab.train.recipes import RUN_CONFIG
 from vitlab.weights import load_into, write_json

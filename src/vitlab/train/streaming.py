@@ -27,8 +27,8 @@ from vitlab.data.stream import StreamLoader, choose_data_mode, scan_folder
 from vitlab.errors import VitlabError
 from vitlab.train.classify import ClassifyTask
 from vitlab.train.distributed import all_reduce_sum, is_main
-from vitlab.train.evaluate import EvalResult, evaluate
-from vitlab.train.parallel import agreed, first_per_node, merge_results
+from vitlab.train.evaluate import EvalResult, evaluate, merge_results
+from vitlab.train.parallel import agreed, first_per_node
 from vitlab.train.recipes import TrainConfig
 from vitlab.train.splits import StreamedSplit, folder_image_size
 from vitlab.train.task import Batch
