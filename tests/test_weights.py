@@ -116,7 +116,7 @@ def test_check_json_names_file_and_field(tmp_path):
 
 
 def tiny():
-    return create_model("tutorial", seed=0, width=16, depth=1, heads=2, mlp_dim=32)
+    return create_model("test", seed=0)
 
 
 def test_nan_weights_are_refused_on_save_and_on_load(tmp_path):

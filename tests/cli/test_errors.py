@@ -64,7 +64,7 @@ def test_nonempty_path_option():
 
 
 def test_config_field_of_the_wrong_type_names_file_and_field(tmp_path, capsys):
-    create_model("tutorial", seed=0, width=16, depth=1, heads=2, mlp_dim=32).save_pretrained(tmp_path)
+    create_model("test", seed=0).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "width": "16"}))
     assert main(["info", str(tmp_path)]) == 2
@@ -81,7 +81,7 @@ def dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("errors")
     run = root / "run"
-    create_model("tutorial", seed=0, width=16, depth=1, heads=2, mlp_dim=32).save_pretrained(
+    create_model("test", seed=0).save_pretrained(
         run, class_names=[str(i) for i in range(10)])
     write_preprocessor_config(run, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     tok = ByteTokenizer(context_length=16)

@@ -21,8 +21,7 @@ from vitlab.cli import main
 from vitlab.weights import load_state_dict
 
 TINY = ["--recipe", "tutorial", "--epochs", "3", "--train-subset", "64", "--test-subset", "32", "--batch-size", "16",
-        "--model-arg", "width=16", "--model-arg", "depth=1", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32",
-        "--precision", "fp32", "--no-progress", "--ema", "0.9"]
+        "--model", "test", "--precision", "fp32", "--no-progress", "--ema", "0.9"]
 STEPS_PER_EPOCH = 4
 
 # `python -c PAUSING SYNC_DIR WHEN vitlab-args...`: runs `vitlab ...`, and at WHEN ("step:N": before the

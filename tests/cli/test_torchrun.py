@@ -5,14 +5,11 @@ streams restored); a run resumes on
 another number of processes at the same global batch."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import free_port, torchrun
 from vitlab.cli import main
 from vitlab.cli.train import default_out
 from vitlab.model import VisionTransformer, create_model
@@ -23,27 +20,12 @@ KILLER = Path(__file__).with_name("_torchrun_kill.py")
 # 128 images, global batch 16: 8 steps per epoch, 2 epochs; checkpoints every 4 steps (mid-epoch too). No crop,
 # flip or dropout: a process's random draws are its own, so only then are 1 and 2 processes comparable.
 TINY = ["--recipe", "tutorial", "--epochs", "2", "--precision", "fp32", "--no-progress", "--crop-padding", "0",
-        "--no-flip", "--eval-batch-size", "16", "--checkpoint-every", "4", "--lr", "3e-3", "--model-arg", "width=16",
-        "--model-arg", "depth=2", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32"]
+        "--no-flip", "--eval-batch-size", "16", "--checkpoint-every", "4", "--lr", "3e-3", "--model", "test",
+        "--model-arg", "depth=2"]
 
 # Every source of randomness on (crop, flip, TrivialAugment, mixup, dropout, drop path): each rank draws its own.
 RANDOM = [a for a in TINY if a not in ("--crop-padding", "0", "--no-flip")] + [
     "--policy", "trivial", "--mixup-alpha", "0.8", "--drop-path", "0.1", "--model-arg", "dropout=0.1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(cwd, *args, nproc=2, launcher=("--standalone",), script=("-m", "vitlab"), env=None, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}", *script, *args]
-    kw = dict(cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, text=True,
-              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if not wait:
-        return subprocess.Popen(cmd, **kw)
-    return subprocess.run(cmd, timeout=300, **kw)
 
 
 def rows(run_dir: Path) -> list[dict]:

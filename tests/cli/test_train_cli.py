@@ -17,8 +17,7 @@ from vitlab.train import loop
 from vitlab.train.lock import LOCK_NAME
 
 TINY = ["--recipe", "tutorial", "--epochs", "1", "--train-subset", "256", "--test-subset", "200", "--batch-size",
-        "64", "--model-arg", "width=16", "--model-arg", "depth=1", "--model-arg", "heads=2", "--model-arg",
-        "mlp_dim=32", "--precision", "fp32", "--no-progress"]
+        "64", "--model", "test", "--precision", "fp32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from vitlab.cli import main
 from vitlab.data import cifar
 from vitlab.model import VisionTransformer
 
-TINY = ["--recipe", "tutorial", "--epochs", "1", "--batch-size", "16", "--model-arg", "width=16", "--model-arg",
-        "depth=1", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32", "--precision", "fp32", "--no-progress"]
+TINY = ["--recipe", "tutorial", "--epochs", "1", "--batch-size", "16", "--model", "test", "--precision", "fp32",
+        "--no-progress"]
 
 
 def plain_top1(run_dir, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -2,30 +2,22 @@
 vitlab.clip.distributed) gives the weights one process gets on the whole global batch; `torchrun -m vitlab
 train-clip` runs and reports once."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from _torchrun_clip import tiny_config
 
+from helpers import torchrun
 from vitlab.clip.train import train_clip
 from vitlab.weights import load_state_dict
 
 HELPER = Path(__file__).with_name("_torchrun_clip.py")
 
 
-def torchrun(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
-                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, capture_output=True,
-                          timeout=300)
-
-
 def test_siglip_on_two_processes_equals_one(tmp_path, tiny_cifar, assert_same_training):
     data = tiny_cifar(tmp_path / "cifar", train=128, test=40)
     one = train_clip(tiny_config("siglip", 16), out=tmp_path / "one", data=data, device="cpu", progress=False,
                      log=lambda s: None)
-    done = torchrun(tmp_path, str(HELPER), str(data), "two", "8", "siglip")
+    done = torchrun(tmp_path, str(data), "two", "8", "siglip", script=(str(HELPER),))
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (load_state_dict(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     # With each rank's own (local) SigLIP loss the weights differ by ~1e-2 here: the other rank's texts are
@@ -36,7 +28,7 @@ def test_siglip_on_two_processes_equals_one(tmp_path, tiny_cifar, assert_same_tr
 
 def test_torchrun_train_clip_cli(tmp_path, tiny_cifar):
     data = tiny_cifar(tmp_path / "cifar", train=64, test=20)
-    done = torchrun(tmp_path, "-m", "vitlab", "train-clip", "--loss", "clip", "--data", str(data), "--time-budget",
+    done = torchrun(tmp_path, "train-clip", "--loss", "clip", "--data", str(data), "--time-budget",
                     "0", "--epochs", "1", "--batch-size", "8", "--width", "16", "--depth", "1", "--heads", "2",
                     "--text-width", "16", "--text-depth", "1", "--no-progress", "--out", "run")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import join_ranks, run_ranks
 from vitlab.clip.distributed import clip_loss_distributed, siglip_loss_distributed
 from vitlab.clip.losses import clip_loss, siglip_loss
 
@@ -29,9 +29,9 @@ def _global_batch(world):
     return img, txt, t, bias
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world, port, out_dir):
+    join_ranks(rank, world, port)
+    dist.init_process_group("gloo")
     try:
         img, txt, t, bias = _global_batch(world)
         rows = slice(rank * B, (rank + 1) * B)
@@ -51,8 +51,7 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.mark.parametrize("world", [2, 3])  # 3 ranks also exercise the two-way (left + right) exchange
 def test_distributed_losses_match_full_batch(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    per_rank = run_ranks(_worker, tmp_path, world=world)
     img, txt, t, bias = _global_batch(world)
     for variant in VARIANTS:
         leaves = [x.clone().requires_grad_(True) for x in (img, txt, t, bias)]

@@ -32,3 +32,12 @@ def test_cifar_rows_are_32px_patch4_models(name):
 def test_summary_line():
     model = create_model("cifar128", seed=0)
     assert model.summary() == f"cifar128 128w 6d 4h /4 32px ({model.num_params() / 1e6:.2f}M params)"
+
+
+def test_the_test_row_is_a_tiny_cifar_model():
+    """`test` (as timm's test_vit) is the tutorial's model shrunk: what the tests build instead of spelling it out."""
+    cfg = parse_variant("test")
+    assert cfg == parse_variant("tutorial", width=16, depth=1, heads=2, mlp_dim=32)
+    assert (cfg.image_size, cfg.patch_size, cfg.num_classes) == (32, 4, 10)
+    model = create_model("test", seed=0)
+    assert model.num_params() < 10_000 and model.summary().startswith("test 16w 1d 2h /4 32px")

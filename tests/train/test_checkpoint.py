@@ -12,7 +12,7 @@ from vitlab.train.optim import create_optimizer
 
 
 def trained(seed: int = 0, steps: int = 2):
-    model = create_model("tutorial", seed=seed, width=16, depth=1, heads=2, mlp_dim=32)
+    model = create_model("test", seed=seed)
     opt = create_optimizer(model, lr=1e-2, weight_decay=0.05)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for _ in range(steps):

@@ -1,14 +1,13 @@
 """Data-parallel helpers: torchrun's environment, shards equal to torch's DistributedSampler, and real 2-process
 gloo groups (joined through env:// as torchrun does) for reductions, broadcasts and a DDP training step."""
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from helpers import join_ranks, run_ranks
 from vitlab.errors import VitlabError
 from vitlab.model import create_model, parse_variant
 from vitlab.train import distributed as D
@@ -75,14 +74,8 @@ def test_shards_are_disjoint_and_complete():
 
 
 # ---- real process groups ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny_vit():
-    cfg = parse_variant("tutorial", width=16, depth=2, heads=2, mlp_dim=32, image_size=8, num_classes=3)
+    cfg = parse_variant("test", depth=2, image_size=8, num_classes=3)
     return create_model(cfg, seed=0)
 
 
@@ -101,12 +94,8 @@ def _train(model, x, y):
         opt.step()
 
 
-def _worker(rank, port, out_dir):
-    import os
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _worker(rank, world, port, out_dir):
+    join_ranks(rank, world, port)
     env = D.init_distributed("cpu")
     try:
         import torch.distributed as dist
@@ -131,8 +120,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, out, world=WORLD)
 
 
 def test_env_rendezvous_joins_a_gloo_group(two_ranks):

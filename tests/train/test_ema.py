@@ -108,7 +108,7 @@ def test_trainer_saves_the_ema_of_every_optimizer_step(tmp_path, tiny_cifar, mon
         after_step(self, *args)
 
     monkeypatch.setattr(Trainer, "after_step", record)
-    cfg = resolve_recipe("tutorial", model_args=dict(width=16, depth=1, heads=2, mlp_dim=32), epochs=2, batch_size=16,
+    cfg = resolve_recipe("tutorial", model="test", epochs=2, batch_size=16,
                          precision="fp32", ema=0.9, warmup_epochs=0)
     result = train(cfg, out=tmp_path / "run", data=tiny_cifar(tmp_path / "data"), progress=False, log=lambda m: None)
     assert len(seen) == 2 * (64 // 16) and result.final["step"] == len(seen)

@@ -3,14 +3,12 @@ equals one process's, every rank's generators round-trip through a checkpoint, a
 0 keeps ranks whose clocks disagree tenfold on the same step count. One-process behaviour without a group."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import join_ranks, run_ranks
 from vitlab.errors import VitlabError
 from vitlab.model import create_model, parse_variant
 from vitlab.train import callbacks, checkpoint, parallel
@@ -32,8 +30,7 @@ def _data(n, seed):
 
 
 def _model():
-    return create_model(parse_variant("tutorial", width=16, depth=1, heads=2, mlp_dim=32, image_size=SIZE,
-                                      num_classes=CLASSES), seed=0)
+    return create_model(parse_variant("test", image_size=SIZE, num_classes=CLASSES), seed=0)
 
 
 class ToyTask(Task):
@@ -77,16 +74,8 @@ class FakeClock:
         return self.t
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _worker(rank, world, port, out):
+    join_ranks(rank, world, port)
     D.init_distributed("cpu", timeout_s=120)  # a rank that diverged would fail the test in minutes, not hang it
     try:
         result = {}
@@ -135,8 +124,7 @@ def _worker(rank, port, out):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out, run_ranks(_worker, out, world=WORLD)
 
 
 def test_sharded_evaluation_equals_one_process(two_ranks):

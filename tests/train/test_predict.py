@@ -15,7 +15,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 @pytest.fixture()
 def run_dir(tmp_path):
-    model = create_model("tutorial", seed=0, width=16, depth=1, heads=2, mlp_dim=32)
+    model = create_model("test", seed=0)
     model.save_pretrained(tmp_path, class_names=CLASSES)
     write_preprocessor_config(tmp_path, image_size=32, mean=MEAN, std=STD)
     return tmp_path
@@ -53,7 +53,7 @@ def test_predict_top_k(run_dir, tmp_path):
     paths = odd_images(tmp_path)
     preds = predict(run_dir, paths, top_k=3)
     assert [p.path for p in preds] == [str(p) for p in paths]
-    model = create_model("tutorial", seed=0, width=16, depth=1, heads=2, mlp_dim=32).eval()
+    model = create_model("test", seed=0).eval()
     x = preprocess([load_image(p) for p in paths], read_preprocessor_config(run_dir))
     with torch.no_grad():
         probs = model(x).softmax(-1)  # (5, 10)

@@ -21,9 +21,9 @@ from vitlab.train.tensorboard import ROLLOUT_IMAGES, ROLLOUT_TAG, RolloutProbe, 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'vitlab[tensorboard]')")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-TINY = ["--recipe", "tutorial", "--epochs", "2", "--batch-size", "32", "--model-arg", "width=16", "--model-arg",
-        "depth=2", "--model-arg", "heads=2", "--model-arg", "mlp_dim=32", "--precision", "fp32", "--no-progress"]
-TINY_CFG = dict(model_args={"width": 16, "depth": 2, "heads": 2, "mlp_dim": 32}, batch_size=32, epochs=3,
+TINY = ["--recipe", "tutorial", "--epochs", "2", "--batch-size", "32", "--model", "test", "--model-arg", "depth=2",
+        "--precision", "fp32", "--no-progress"]
+TINY_CFG = dict(model="test", model_args={"depth": 2}, batch_size=32, epochs=3,
                 precision="fp32", ema=0.9, log_every=3, tensorboard=True)
 
 

@@ -12,63 +12,39 @@ from __future__ import annotations
 
 import argparse
 
-from vitlab.cli.train import (
-    RUN_OVERRIDES,
-    add_overrides,
-    add_run_arguments,
-    chosen,
-    is_main_process,
-    out_dir,
-    refuse_overrides_on_resume,
-)
+from vitlab.cli._flags import add_config_flags, given
+from vitlab.cli.train import add_run_arguments, is_main_process, out_dir, refuse_overrides_on_resume
+from vitlab.clip.train import ClipTrainConfig
 from vitlab.train.guard import stops_on_sigterm
+from vitlab.train.recipes import with_overrides
 
-# CLI flag -> ClipTrainConfig field: the shared run options (as `vitlab train`) and the towers.
-OVERRIDES = {
-    **RUN_OVERRIDES, "width": int, "depth": int, "heads": int, "patch_size": int, "text_width": int,
-    "text_depth": int, "log_every": int,
-}
-HELP = {
-    "time_budget": "minutes from the start of the command to its end, evaluation and saving included "
-                   "(default 5; 0: run --epochs)",
-    "batch_size": "images (and captions) per step (default 256)",
-    "lr": "peak AdamW learning rate (default 2e-3)",
-    "precision": "fp32 (default) | bf16 (autocast) | auto",
-    "test_subset": "zero-shot test on the first N test images (default all)",
-    "width": "vision width = embedding size (default 96)",
-    "depth": "vision blocks (default 4)",
-    "heads": "attention heads of both towers (default 4)",
-    "patch_size": "vision patch size (default 4)",
-    "text_width": "text tower width (default 64)",
-    "text_depth": "text blocks (default 2)",
-    "log_every": "steps between points of steps.jsonl, the loss curve (default 10)",
-}
+# The names before train-clip shared `vitlab train`'s.
+ALIASES = {"train_subset": "--train-limit", "test_subset": "--eval-limit"}
+# The image-side augmentation: the targets are captions, so label smoothing and mixup/cutmix do not apply.
+AUGMENT = ("crop_padding", "padding_mode", "flip", "alternate_flip", "policy", "randaug_n", "randaug_m")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-clip", help="train a small CLIP/SigLIP on CIFAR-10 captions and test it zero-shot",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", choices=("siglip", "clip"), default=None,
-                   help="sigmoid (SigLIP, default) or softmax (CLIP)")
     add_run_arguments(p)
-    # --train-limit / --eval-limit: the names before train-clip shared `vitlab train`'s
-    add_overrides(p, OVERRIDES, help=HELP, aliases={"train_subset": "--train-limit", "test_subset": "--eval-limit"})
+    add_config_flags(p, ClipTrainConfig, aliases=ALIASES, augment=AUGMENT)
     p.set_defaults(func=run)
 
 
 @stops_on_sigterm  # exit 143, resumable (vitlab.train.guard)
 def run(args: argparse.Namespace) -> int:
-    from vitlab.clip.train import ClipTrainConfig, resume_clip, train_clip
+    from vitlab.clip.train import resume_clip, train_clip
     from vitlab.train.budget import process_start
 
     progress = not args.no_progress
-    overrides = chosen(args, (*OVERRIDES, "loss", "tensorboard"))
+    overrides = given(args, ClipTrainConfig, augment=AUGMENT)
     if args.resume is not None:
         refuse_overrides_on_resume(args, overrides)
         result = resume_clip(args.resume, data=args.data, device=args.device, progress=progress,
                              started_at=process_start())
     else:
-        config = ClipTrainConfig(**overrides)
+        config = with_overrides(ClipTrainConfig(), **overrides)
         result = train_clip(config, out=out_dir(args.out, f"train-clip-{config.loss}"), data=args.data,
                             device=args.device, progress=progress, download=args.download,
                             started_at=process_start())

@@ -50,24 +50,29 @@ class ClipTrainConfig(RunConfig):
     towers. The default towers are small enough for a CPU (about 0.5 M parameters); the default run is a
     5-minute time budget (evaluations and saving included)."""
 
-    loss: str = "siglip"  # siglip | clip
-    width: int = 96  # vision width = embedding size
-    depth: int = 4
-    heads: int = 4
-    patch_size: int = 4
-    text_width: int = 64
-    text_depth: int = 2
-    context_length: int = 48  # the longest caption, "a black and white photo of a automobile.", is 43 tokens
-    templates: tuple[str, ...] = TEMPLATES
+    loss: str = field(default="siglip", metadata={"help": "siglip (sigmoid, SigLIP) | clip (softmax, CLIP)"})
+    width: int = field(default=96, metadata={"help": "vision width = embedding size"})
+    depth: int = field(default=4, metadata={"help": "vision blocks"})
+    heads: int = field(default=4, metadata={"help": "attention heads of both towers"})
+    patch_size: int = field(default=4, metadata={"help": "vision patch size"})
+    text_width: int = field(default=64, metadata={"help": "text tower width"})
+    text_depth: int = field(default=2, metadata={"help": "text blocks"})
+    context_length: int = field(default=48, metadata={  # "a black and white photo of a automobile." is 43 tokens
+        "help": "caption tokens the text tower reads (longer captions are cut)"})
+    templates: tuple[str, ...] = field(default=TEMPLATES, metadata={
+        "help": "caption templates for training and the zero-shot ensemble, e.g. 'a photo of a {}.'"})
     # shared fields with this run's defaults
-    augment: AugmentConfig = field(default_factory=lambda: CLIP_AUGMENT)
-    time_budget: float = 5.0
-    lr: float = 2e-3
-    warmup_epochs: float = 0.1  # ~20 steps of 256 on CIFAR-10
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 0.0
-    precision: str = "fp32"
-    eval_batch_size: int = 500
+    augment: AugmentConfig = field(default_factory=lambda: CLIP_AUGMENT, metadata={
+        "help": "the image augmentation (crop and flip by default): its fields are flags of their own"})
+    time_budget: float = field(default=5.0, metadata={
+        "help": "minutes from the start of the command to its end, evaluation and saving included; 0: run --epochs"})
+    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate, reached after warmup"})
+    warmup_epochs: float = field(default=0.1, metadata={  # ~20 steps of 256 on CIFAR-10
+        "help": "epochs of linear learning-rate warmup from 0"})
+    betas: tuple[float, float] = field(default=(0.9, 0.98), metadata={"help": "AdamW's beta1 beta2"})
+    grad_clip: float = field(default=0.0, metadata={"help": "max global gradient norm; 0: off"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast) | auto"})
+    eval_batch_size: int = field(default=500, metadata={"help": "images per evaluation batch"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

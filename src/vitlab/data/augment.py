@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,18 +31,25 @@ class AugmentConfig:
     pays off only over many epochs.
     """
 
-    crop_padding: int = 4  # random crop back to the input size after padding each side; 0 = off
-    padding_mode: str = "zeros"  # "zeros" as torchvision's RandomCrop(32, padding=4), or "reflect"
-    flip: bool = True  # horizontal flip with probability 1/2
-    alternate_flip: bool = False  # airbench: each image flipped in every other epoch (a random half in the first)
-    policy: str = "trivial"  # "none" | "trivial" (TrivialAugment-Wide) | "randaug" (RandAugment)
-    randaug_n: int = 2  # RandAugment: ops per image
-    randaug_m: int = 9  # RandAugment: magnitude level 0..30 (torchvision's scale)
-    mixup_alpha: float = 0.8  # Beta(alpha, alpha) for mixup; 0 = off
-    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for cutmix; 0 = off
-    mix_prob: float = 1.0  # probability that a batch is mixed at all
-    switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
-    label_smoothing: float = 0.1
+    crop_padding: int = field(default=4, metadata={
+        "help": "random crop back to the input size after padding each side by this many pixels; 0: no crop"})
+    padding_mode: str = field(default="zeros", metadata={
+        "help": "zeros (as torchvision's RandomCrop(32, padding=4)) | reflect: how the crop pads"})
+    flip: bool = field(default=True, metadata={"help": "horizontal flips with probability 1/2"})
+    alternate_flip: bool = field(default=False, metadata={
+        "help": "flip each image in every other epoch (airbench; a random half in the first) instead of at random"})
+    policy: str = field(default="trivial", metadata={
+        "help": "augmentation policy: none | trivial (TrivialAugment-Wide) | randaug (RandAugment)"})
+    randaug_n: int = field(default=2, metadata={"help": "--policy randaug: ops per image"})
+    randaug_m: int = field(default=9, metadata={
+        "help": "--policy randaug: magnitude level 0..30 (torchvision's scale)"})
+    mixup_alpha: float = field(default=0.8, metadata={"help": "mixup Beta(alpha, alpha); 0: off"})
+    cutmix_alpha: float = field(default=1.0, metadata={"help": "cutmix Beta(alpha, alpha); 0: off"})
+    mix_prob: float = field(default=1.0, metadata={"help": "probability that a batch is mixed at all"})
+    switch_prob: float = field(default=0.5, metadata={
+        "help": "probability of cutmix rather than mixup when both are on"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the targets"})
+    # set from the dataset by the trainer, so no flags
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
 

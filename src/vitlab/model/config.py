@@ -29,6 +29,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "cifar192": (192, 6, 3, 384),
     "conv128": (128, 6, 4, 256),  # cifar128 behind a conv stem
     "conv192": (192, 6, 3, 384),
+    "test": (16, 1, 2, 32),  # for tests, as timm's test_vit: builds and steps in milliseconds
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "M": (512, 12, 8, 2048),
@@ -42,7 +43,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 _CIFAR = {"image_size": 32, "patch_size": 4, "num_classes": 10}
 _CONV = {**_CIFAR, "stem": "conv"}
 VARIANT_DEFAULTS: dict[str, dict] = {"tutorial": _CIFAR, "cifar128": _CIFAR, "cifar192": _CIFAR,
-                                     "conv128": _CONV, "conv192": _CONV}
+                                     "conv128": _CONV, "conv192": _CONV, "test": _CIFAR}
 # Old names that still work, with a warning.
 DEPRECATED_VARIANTS = {"seed": "tutorial"}  # "seed" read like the RNG argument: create_model("seed", seed=0)
 

@@ -37,34 +37,55 @@ class RunConfig:
     Field names are the CLI flags with dashes turned into underscores, the same in `train` and `train-clip`."""
 
     # ---- data ------------------------------------------------------------------------------------------
-    dataset: str = "cifar10"  # cifar10 | cifar100 | folder
-    val_split: float = 0.0  # fraction of train held out (seeded) and evaluated each epoch
-    train_subset: int = 0  # >0: train on the first N (after the val split) images only; for quick checks
-    test_subset: int = 0  # >0: evaluate on the first N test images only
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mean/std are set from the dataset
+    dataset: str = field(default="cifar10", metadata={
+        "help": "cifar10 | cifar100 | folder (an image folder: --data DIR)"})
+    val_split: float = field(default=0.0, metadata={
+        "help": "fraction of train held out (seeded) as a validation set evaluated each epoch, e.g. 0.1"})
+    train_subset: int = field(default=0, metadata={
+        "help": "train on the first N images (after the validation split) only, for quick checks; 0: all"})
+    test_subset: int = field(default=0, metadata={"help": "evaluate on the first N test images only; 0: all"})
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={
+        "help": "the augmentation: its fields are flags of their own; mean/std are set from the dataset"})
     # ---- optimisation ----------------------------------------------------------------------------------
-    epochs: float = 10  # may be fractional: training length is epochs * steps_per_epoch optimizer steps
-    max_steps: int = 0  # >0: stop after this many optimizer steps (the schedule ends there too)
-    batch_size: int = 256
-    lr: float = 1e-3  # peak learning rate, reached after warmup
-    min_lr: float = 0.0  # learning rate at the end of the cosine
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05  # decoupled (AdamW); never on norms, biases, tokens, positions
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    on_nonfinite: str = "stop"  # NaN/Inf loss or gradient norm: stop (keep the last good checkpoint) | skip the step
-    ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); 0 = off. The EMA is evaluated and saved.
-    optimizer: str = "adamw"  # adamw | muon (torch's Muon for the hidden matrices, AdamW for the rest)
-    decay: str = "cosine"  # learning rate after warmup: cosine | linear (to min_lr; robust under a budget)
+    epochs: float = field(default=10, metadata={
+        "help": "passes over the training set (fractions allowed): epochs * steps_per_epoch optimizer steps"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop after this many optimizer steps (the schedule ends there too); 0: off"})
+    batch_size: int = field(default=256, metadata={"help": "images per optimizer step of each process"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate, reached after warmup"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the decay"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "epochs of linear learning-rate warmup from 0"})
+    weight_decay: float = field(default=0.05, metadata={
+        "help": "decoupled weight decay (AdamW); never on norms, biases, tokens, positions"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam's beta1 beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm; 0: off"})
+    on_nonfinite: str = field(default="stop", metadata={
+        "help": "stop: a NaN/Inf loss or gradient norm ends the run, exit 2, its last good checkpoint kept | "
+                "skip: skip that step and halve the learning rate (5 in a row: stop)"})
+    ema: float = field(default=0.0, metadata={
+        "help": "EMA decay of the weights, e.g. 0.999; 0: off. The EMA is evaluated and saved"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw | muon (torch's Muon for the hidden matrices, q/k/v apart; AdamW for the rest)"})
+    decay: str = field(default="cosine", metadata={
+        "help": "cosine | linear: the learning rate's decay to --min-lr after warmup (linear: robust under a "
+                "time budget)"})
     # ---- execution -------------------------------------------------------------------------------------
-    precision: str = "auto"  # fp32 | bf16 (autocast) | bf16-pure | auto (vitlab.speed.resolve_precision)
-    compile: bool = False  # torch.compile the model
-    eval_batch_size: int = 1000
-    time_budget: float = 0.0  # minutes; >0: fit steps + schedule to end within this wall-clock budget
-    log_every: int = 10  # optimizer steps between points of the per-step loss log (steps.jsonl)
-    seed: int = 0
-    tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tb (vitlab.train.tensorboard)
-    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (long epochs, torchrun restarts); 0 = off
+    precision: str = field(default="auto", metadata={
+        "help": f"{' | '.join(PRECISIONS)}: bf16 = autocast; auto = bf16-pure on CPUs with bf16 matmuls, bf16 "
+                "autocast on GPUs (vitlab.speed.resolve_precision)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "images per evaluation batch"})
+    time_budget: float = field(default=0.0, metadata={
+        "help": "minutes from the start of the command to its end (evaluation and saving included): steps and "
+                "schedule are fitted to them instead of --epochs; 0: off"})
+    log_every: int = field(default=10, metadata={
+        "help": "optimizer steps between points of the per-step loss log (steps.jsonl)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation, data order and augmentation"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write TensorBoard event files to RUN_DIR/tb (pip install 'vitlab[tensorboard]')"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "also checkpoint every N optimizer steps inside an epoch (long epochs; a torchrun restart goes "
+                "on from there); 0: at epoch ends only"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -111,28 +132,50 @@ class TrainConfig(RunConfig):
     """A ViT classification run (`vitlab train`): the shared fields plus the model."""
 
     # ---- model: a variant from vitlab.model's table, optionally reshaped by model_args -----------------
-    model: str = "tutorial"
-    model_args: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"width": 96, "depth": 6}
-    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0)
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    model: str = field(default="tutorial", metadata={
+        "help": "model variant, e.g. tutorial, cifar128, conv128, Ti/4, S/4; cnn or cnn-W1-W2-W3 for the CNN teacher"})
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "ViTConfig override of the model, KEY=VALUE, e.g. width=96 (repeatable)"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth of the last block (linear from 0)"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute block activations in backward: less memory, ~30% slower"})
     # ---- speedrun levers (issue 12) --------------------------------------------------------------------
-    resize_schedule: str = ""  # "16:0.4,24:0.7": 16 px until 40% of the steps, 24 px until 70%, then full size
-    teacher: str = ""  # distil from this CNN teacher run dir ("stage" trains one first, inside the budget)
-    teacher_recipe: str = "teacher"  # the recipe a "stage" teacher trains with
-    teacher_share: float = 0.2  # under a time budget: the share of it the "stage" teacher gets
-    distill: str = "hard"  # hard | soft (DeiT); through the distillation token when the model has one
-    distill_alpha: float = 0.5  # soft distillation: weight of the teacher term
-    distill_tau: float = 1.0  # soft distillation: temperature
-    tta: str = "none"  # none | flip | flip-translate: the final evaluation also reports test_top1_tta
+    resize_schedule: str = field(default="", metadata={
+        "help": "progressive resizing, SIZE:UNTIL,...: e.g. 16:0.4,24:0.7 trains at 16 px for the first 40% of "
+                "the steps, at 24 px until 70%, then at full size"})
+    teacher: str = field(default="", metadata={
+        "help": "distil from this CNN teacher run dir (vitlab train --recipe teacher), or 'stage' to train one "
+                "first, inside the time budget"})
+    teacher_recipe: str = field(default="teacher", metadata={
+        "help": "the recipe a --teacher stage teacher trains with"})
+    teacher_share: float = field(default=0.2, metadata={
+        "help": "with --teacher stage under a time budget: the budget's share the teacher gets"})
+    distill: str = field(default="hard", metadata={
+        "help": "hard | soft (DeiT); through the model's distillation token when it has one"})
+    distill_alpha: float = field(default=0.5, metadata={"help": "soft distillation: weight of the teacher term"})
+    distill_tau: float = field(default=1.0, metadata={"help": "soft distillation: temperature"})
+    tta: str = field(default="none", metadata={
+        "help": "none | flip | flip-translate: the final evaluation also reports test_top1_tta"})
     # ---- scale-out (issue 13): image folders read from disk, fine-tuning -------------------------------
-    data_mode: str = "auto"  # image folders: memory | stream (decoded by DataLoader workers) | auto (memory if it fits)
-    image_size: int = 0  # image folders: side the images are decoded and cropped to; 0 = 32
-    workers: int = 2  # data_mode stream: decoding processes per rank
-    memory_share: float = 0.5  # data_mode auto: stream when the decoded folder needs more of the available memory
-    init: str = ""  # fine-tune from these weights: a vitlab / Hugging Face model dir, or a timm safetensors file
-    variant: str = ""  # with init: the vitlab variant of a bare timm file (no config.json), e.g. Ti/16
-    layer_decay: float = 0.0  # layer-wise lr decay (0.75: each layer below the head at 0.75x the lr); 0 = off
-    freeze_backbone: bool = False  # train the classifier only: a linear probe of the init weights
+    data_mode: str = field(default="auto", metadata={
+        "help": "image folders: memory (decoded once, held in memory) | stream (read from disk by DataLoader "
+                "workers, for folders larger than memory) | auto (memory if it fits --memory-share)"})
+    image_size: int = field(default=0, metadata={
+        "help": "image folders: side the images are resized / cropped to; 0: 32"})
+    workers: int = field(default=2, metadata={"help": "--data-mode stream: decoding processes per training process"})
+    memory_share: float = field(default=0.5, metadata={
+        "help": "--data-mode auto: stream when the decoded folder would need more than this share of the "
+                "available memory"})
+    init: str = field(default="", metadata={
+        "help": "fine-tune from pretrained weights: a vitlab run or model dir, a Hugging Face ViT / CLIP / SigLIP "
+                "dir, or a timm .safetensors file (with timm's config.json, or --variant); the head is replaced "
+                "for new classes, positions resampled for a new image size"})
+    variant: str = field(default="", metadata={
+        "help": "with --init of a bare timm .safetensors file (no config.json): its vitlab variant, e.g. Ti/16"})
+    layer_decay: float = field(default=0.0, metadata={
+        "help": "layer-wise learning-rate decay, e.g. 0.75: each layer below the head learns 0.75x slower; 0: off"})
+    freeze_backbone: bool = field(default=False, metadata={
+        "help": "with --init: train the classifier only (a linear probe of the init weights)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,25 +297,29 @@ def recipe_for_budget(minutes: float | None) -> str:
 
 
 def resolve_recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
-    """The recipe `name` with single fields replaced; augmentation fields may be given flat.
-
-    `model=` without `model_args=` drops the recipe's model_args: they reshape the recipe's own model, and
-    `--model Ti/4` means timm's Ti, not Ti squeezed into the recipe's width.
-    """
+    """The recipe `name` with single fields replaced (`with_overrides`)."""
     if name in DEPRECATED_RECIPES:
         warnings.warn(f"recipe {name!r} is now called {DEPRECATED_RECIPES[name]!r}", FutureWarning, stacklevel=2)
         name = DEPRECATED_RECIPES[name]
     if name not in RECIPES:
         raise VitlabError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-    cfg = RECIPES[name]
+    return with_overrides(RECIPES[name], **overrides)
+
+
+def with_overrides(cfg: RunConfig, **overrides) -> RunConfig:
+    """`cfg` with single fields replaced (None: keep); augmentation fields may be given flat.
+
+    `model=` without `model_args=` drops the recipe's model_args: they reshape the recipe's own model, and
+    `--model Ti/4` means timm's Ti, not Ti squeezed into the recipe's width.
+    """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     aug = {k: overrides.pop(k) for k in list(overrides) if k in AUGMENT_FIELDS}
     if aug:
         overrides["augment"] = dataclasses.replace(overrides.get("augment", cfg.augment), **aug)
-    if "model" in overrides and "model_args" not in overrides and overrides["model"] != cfg.model:
-        overrides["model_args"] = {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(cfg)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise VitlabError(f"unknown training options {bad}; known: {sorted(known | AUGMENT_FIELDS)}")
+    if "model" in overrides and "model_args" not in overrides and overrides["model"] != cfg.model:
+        overrides["model_args"] = {}
     return dataclasses.replace(cfg, **overrides)

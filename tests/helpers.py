@@ -1,0 +1,44 @@
+"""Helpers the tests share: a free TCP port, the torchrun launcher, and the two-rank harness that runs a worker
+in real gloo process groups. Fixtures (tiny_cifar, cifar_dir, assert_same_training) are in conftest.py."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+TINY_MODEL = ["--model", "test"]  # the variant table's 16-wide, 1-deep row: `vitlab train` in seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(cwd, *args, nproc=2, launcher=("--standalone",), script=("-m", "vitlab"), env=None, wait=True):
+    """`torchrun [launcher] --nproc-per-node=N script args` with one thread per process: the finished process
+    (stdout / stderr captured as text), or the running Popen with wait=False."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}", *script, *args]
+    kw = dict(cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, text=True,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return subprocess.Popen(cmd, **kw)
+    return subprocess.run(cmd, timeout=300, **kw)
+
+
+def join_ranks(rank: int, world: int, port: int) -> None:
+    """In a worker: torchrun's environment for `rank` of `world` on localhost:port (env:// rendezvous), 1 thread."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def run_ranks(worker, out: Path, *args, world: int = 2) -> list:
+    """Runs `worker(rank, world, port, out, *args)` in `world` processes (it calls `join_ranks`, then saves its
+    result to out/rank{rank}.pt); returns the ranks' results in rank order."""
+    mp.spawn(worker, args=(world, free_port(), str(out), *args), nprocs=world, join=True)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
