@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from vitlab.errors import VitlabError
+from vitlab.rundir import RUN_CONFIG
 from vitlab.speed import TrainStep
 from vitlab.train.budget import Budget, seconds_per_call
 from vitlab.train.checkpoint import (
@@ -63,7 +64,7 @@ from vitlab.train.parallel import (
     restore_rank_rng,
     seed_rank,
 )
-from vitlab.train.recipes import RUN_CONFIG, RunConfig, TrainConfig, resolve_recipe
+from vitlab.train.recipes import RunConfig, TrainConfig, resolve_recipe
 from vitlab.train.runtime import resolve_device
 from vitlab.train.streaming import classify_task
 from vitlab.train.task import Batch, Task

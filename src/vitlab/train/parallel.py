@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from vitlab.errors import VitlabError, check_count, check_number
+from vitlab.rundir import RUN_CONFIG
 from vitlab.train.checkpoint import restore_rng, rng_states
 from vitlab.train.distributed import (
     _collective_device,
@@ -46,7 +47,6 @@ from vitlab.train.distributed import (
     wrap_ddp,
 )
 from vitlab.train.evaluate import EvalResult, evaluate
-from vitlab.train.recipes import RUN_CONFIG
 from vitlab.train.runtime import resolve_device
 
 T = TypeVar("T")

@@ -27,8 +27,6 @@ from vitlab.train.optim import DECAYS, OPTIMIZERS
 from vitlab.train.resize import parse_resize_schedule
 from vitlab.train.tta import TTA_MODES
 
-RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in every run dir
-
 
 @dataclass(frozen=True)
 class RunConfig:
