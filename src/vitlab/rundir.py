@@ -22,6 +22,10 @@ RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in e
 METRICS_NAME = "metrics.jsonl"
 EVAL_NAME = "eval.json"
 CONFUSION_PNG = "confusion.png"
+LOCK_NAME = ".vitlab-lock"  # the trainer's lock (vitlab.train.lock)
+CHECKPOINT_DIR = "checkpoint"
+EXPORT_RECORD = "vitlab_export.json"  # in an export dir: its format and the files it wrote
+RUN_MARKS = (LOCK_NAME, RUN_CONFIG, METRICS_NAME, CHECKPOINT_DIR)  # any of these: a run dir, never a target
 EVAL_CONFUSION_KEY = "confusion"  # eval.json: (classes, classes) counts, rows = true class
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value HF configs store
 REQUIRED = ("size", "image_mean", "image_std")
