@@ -67,13 +67,17 @@ def read_preprocessor_config(run_dir: str | Path) -> dict:
     return {**defaults, **cfg}
 
 
-def weights_sha256(model_dir: str | Path) -> str:
-    """sha256 of the dir's model.safetensors: eval.json names the weights it scored."""
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(Path(model_dir) / WEIGHTS_NAME, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 of the dir's model.safetensors: eval.json names the weights it scored."""
+    return sha256_file(Path(model_dir) / WEIGHTS_NAME)
 
 
 def write_eval(path: str | Path, record: dict, confusion: torch.Tensor) -> Path:
