@@ -4,25 +4,10 @@ write, replaces an earlier export only with --force, and leaves nothing that loo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 
 from vitlab.cli import main
-
-HOLDER = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from vitlab.train.lock import RunLock
-    run, sync = Path(sys.argv[1]), Path(sys.argv[2])
-    with RunLock(run, command="vitlab train"):
-        (sync / "holds").write_text("1")
-        while not (sync / "release").exists():
-            time.sleep(0.01)
-""")
 
 
 def snapshot(d):
@@ -49,22 +34,12 @@ def test_a_run_dir_is_never_a_target(vit_dir, tmp_path, capsys):
     no_leftovers(tmp_path)
 
 
-def test_a_dir_locked_by_a_live_trainer_is_refused(vit_dir, tmp_path, capsys):
-    src, target, sync = vit_dir(), tmp_path / "training", tmp_path / "sync"
-    sync.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), str(sync)])
-    try:
-        for _ in range(3000):  # hang guard: 30 s
-            if (sync / "holds").exists() or holder.poll() is not None:
-                break
-            time.sleep(0.01)
-        assert (sync / "holds").exists()
+def test_a_dir_locked_by_a_live_trainer_is_refused(vit_dir, tmp_path, capsys, held_run_lock):
+    src, target = vit_dir(), tmp_path / "training"
+    with held_run_lock(target):
         before = snapshot(target)
         refused(capsys, [str(src), str(target), "--to", "onnx"], ".vitlab-lock")
         assert snapshot(target) == before
-    finally:
-        (sync / "release").write_text("1")
-        holder.wait(timeout=30)
 
 
 def test_files_it_did_not_write_are_never_overwritten(vit_dir, tmp_path, capsys):

@@ -3,27 +3,12 @@ live trainer holds (a real lock held by another process)."""
 
 import hashlib
 import json
-import subprocess
-import sys
-import textwrap
-import time
 
 import torch
 
 from vitlab.cli import main
 from vitlab.model import create_model
 from vitlab.rundir import read_eval_confusion, write_preprocessor_config
-
-HOLDER = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from vitlab.train.lock import RunLock
-    run = Path(sys.argv[1])
-    with RunLock(run, command="vitlab train"):
-        (run.parent / "holds").write_text("1")
-        while not (run.parent / "release").exists():
-            time.sleep(0.01)
-""")
 
 
 def make_run(path):
@@ -46,23 +31,14 @@ def test_eval_json_names_the_weights_and_step(tmp_path, tiny_cifar):
     assert torch.equal(cm, torch.tensor(record["confusion"]))
 
 
-def test_eval_refuses_a_run_held_by_a_live_trainer(tmp_path, tiny_cifar, capsys):
+def test_eval_refuses_a_run_held_by_a_live_trainer(tmp_path, tiny_cifar, capsys, held_run_lock):
     run = make_run(tmp_path / "run")
     data = tiny_cifar(tmp_path / "cifar", test=20)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)])
-    try:
-        for _ in range(3000):  # hang guard: 30 s
-            if (tmp_path / "holds").exists() or holder.poll() is not None:
-                break
-            time.sleep(0.01)
-        assert (tmp_path / "holds").exists()
+    with held_run_lock(run) as pid:
         before = {p.name: p.read_bytes() for p in run.iterdir()}
         assert main(["eval", str(run), "--data", str(data), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "in use by" in err and f"pid {holder.pid}" in err
+        assert len(err.splitlines()) == 1 and "in use by" in err and f"pid {pid}" in err
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written, nothing changed
-    finally:
-        (tmp_path / "release").write_text("1")
-        holder.wait(timeout=30)
     assert main(["eval", str(run), "--data", str(data), "--no-progress"]) == 0  # free again: evaluated
     assert (run / "eval.json").is_file()
