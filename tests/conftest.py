@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,41 @@ def _assert_same_training(a: dict, b: dict, *, atol: float = 1e-5) -> None:
 @pytest.fixture(scope="session")
 def assert_same_training():
     return _assert_same_training
+
+
+_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from vitlab.train.lock import RunLock
+run, sync = Path(sys.argv[1]), Path(sys.argv[2])
+with RunLock(run, command="vitlab train"):
+    (sync / "holds").write_text("1")
+    while not (sync / "release").exists():
+        time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def held_run_lock(tmp_path):
+    """held_run_lock(run_dir): a context in which another, live process holds the run dir's lock; yields its pid."""
+    import contextlib
+    import subprocess
+    import sys
+    import time
+
+    @contextlib.contextmanager
+    def hold(run: Path):
+        sync = Path(tempfile.mkdtemp(dir=tmp_path))
+        proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(run), str(sync)])
+        try:
+            for _ in range(3000):  # a hang guard only: 30 s
+                if (sync / "holds").exists() or proc.poll() is not None:
+                    break
+                time.sleep(0.01)
+            assert (sync / "holds").exists(), "the lock holder did not start"
+            yield proc.pid
+        finally:
+            (sync / "release").write_text("1")
+            proc.wait(timeout=30)
+
+    return hold

@@ -19,7 +19,7 @@ from vitlab.cli import main, nonempty
 from vitlab.errors import VitlabError
 from vitlab.model import create_model, parse_variant
 from vitlab.model.flops import check_model_size, estimate_params
-from vitlab.train.processor import write_preprocessor_config
+from vitlab.rundir import write_preprocessor_config
 
 
 def one_line_error(capsys, command):

@@ -26,7 +26,7 @@ def matplotlib():
     return pytest.importorskip("matplotlib")
 
 
-def make_run(path, *, confusion=False, **overrides):
+def make_run(path, **overrides):
     model = create_model("tutorial", seed=0, **{**TINY, **overrides})
     model.save_pretrained(path, class_names=CLASSES)
     with open(path / "metrics.jsonl", "w") as f:
@@ -36,8 +36,6 @@ def make_run(path, *, confusion=False, **overrides):
     (path / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.49, 0.48, 0.45], "image_std": [0.25, 0.24, 0.26], "rescale_factor": 1 / 255,
          "size": {"height": 16, "width": 16}}))
-    if confusion:
-        (path / "eval.json").write_text(json.dumps({"confusion_matrix": np.eye(10, dtype=int).tolist()}))
     return path
 
 
@@ -71,16 +69,21 @@ def check_report(out, expected_pngs):
     dict(pooling="gap", class_token=False),
     dict(pooling="map", class_token=False, pos_embed="sincos2d"),
     dict(reg_tokens=2, pos_embed_prefix=False),
-], ids=["cls", "gap", "map-sincos", "cls-registers"])
+    dict(pooling="seq", class_token=False),
+    dict(stem="conv"),
+    dict(distill_token=True, layerscale_init=1e-4),
+], ids=["cls", "gap", "map-sincos", "cls-registers", "seq", "conv-stem", "distill-layerscale"])
 def test_explain_image_files(matplotlib, tmp_path, capsys, overrides):
     run = make_run(tmp_path / "run", **overrides)
     images = write_images(tmp_path / "cat", 3)  # a folder named like a class: the true label is known
     out = tmp_path / "out"
     assert main(["explain", str(run), *images, "--out", str(out), "--show", "2"]) == 0
-    page = check_report(out, ALWAYS | WITH_IMAGES | {"confusion_matrix.png"})
+    filters = {"stem_kernels.png"} if overrides.get("stem") == "conv" else {"patch_filters.png"}
+    page = check_report(out, (ALWAYS - {"patch_filters.png"}) | filters | WITH_IMAGES | {"confusion_matrix.png"})
     assert "accuracy on these images" in page
     pooling = overrides.get("pooling", "cls")
-    assert {"cls": "class token", "gap": "averaged patch tokens", "map": "MAP head"}[pooling] in page
+    assert {"cls": "class token", "gap": "averaged patch tokens", "map": "MAP head",
+            "seq": "sequence-pooling weights"}[pooling] in page
     if overrides.get("reg_tokens"):
         assert "2 register tokens are left out" in page
     assert "wrote 9 figures" in capsys.readouterr().out
@@ -124,14 +127,19 @@ def test_explain_clip_image_tower(matplotlib, tmp_path, capsys, tiny_cifar):
     check_report(tmp_path / "out2", {"position_similarity.png", "patch_filters.png"} | WITH_IMAGES)
 
 
-def test_explain_without_position_embedding_uses_eval_json(matplotlib, tmp_path, capsys):
-    run = make_run(tmp_path / "run", pos_embed="none", confusion=True)
+def test_explain_without_position_embedding_uses_eval_json(matplotlib, tmp_path, capsys, tiny_cifar):
+    """The confusion matrix comes from the eval.json that `vitlab eval` itself wrote (writer and reader meet)."""
+    run = make_run(tmp_path / "run", pos_embed="none")
+    assert main(["eval", str(run), "--data", str(tiny_cifar(tmp_path / "cifar", test=20))]) == 0
+    written = json.loads((run / "eval.json").read_text())
     images = write_images(tmp_path / "unlabelled", 2)
     out = tmp_path / "out"
     assert main(["explain", str(run), *images, "--out", str(out)]) == 0
     page = check_report(out, (ALWAYS - {"position_similarity.png"}) | (WITH_IMAGES - {"embeddings.png"})
                         | {"confusion_matrix.png"})
     assert "no position embedding" in page and "embedding map skipped" in page
+    assert "from eval.json" in page  # the images are unlabelled: eval.json is the only source of counts
+    assert np.sum(written["confusion"]) == 20 and written["top1"] == pytest.approx(np.trace(written["confusion"]) / 20)
     assert "note: " in capsys.readouterr().out
 
 
@@ -201,7 +209,10 @@ def test_weight_only_report(matplotlib, tmp_path):
     """Without images, explain_run still draws the weight views and the run's metrics."""
     from vitlab.inspect import load_run
     from vitlab.inspect.explain import explain_run
+    from vitlab.rundir import write_eval
 
-    result = explain_run(load_run(make_run(tmp_path / "run", confusion=True)), None, out_dir=tmp_path / "out")
+    run = make_run(tmp_path / "run")
+    write_eval(run / "eval.json", {"top1": 0.1}, torch.eye(10, dtype=torch.int64))  # the writer `vitlab eval` uses
+    result = explain_run(load_run(run), None, out_dir=tmp_path / "out")
     check_report(tmp_path / "out", ALWAYS | {"confusion_matrix.png"})
     assert result.report == tmp_path / "out" / "report.html"

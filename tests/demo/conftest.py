@@ -6,7 +6,7 @@ import pytest
 
 from vitlab.data import CIFAR10_CLASSES
 from vitlab.model import create_model
-from vitlab.train.processor import write_preprocessor_config
+from vitlab.rundir import write_preprocessor_config
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

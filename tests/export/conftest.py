@@ -11,7 +11,7 @@ from vitlab.clip.tokenizer import ByteTokenizer
 from vitlab.model import create_model
 from vitlab.model.config import ViTConfig
 from vitlab.preprocess import clip_preprocess, siglip_preprocess
-from vitlab.train.processor import write_preprocessor_config
+from vitlab.rundir import write_preprocessor_config
 
 TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, image_size=32, patch_size=8, num_classes=5)
 NAMES = ["apple", "bee", "cat", "dog", "eel"]

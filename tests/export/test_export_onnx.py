@@ -21,7 +21,8 @@ def test_onnxruntime_matches_with_a_dynamic_batch(overrides, vit_dir, tmp_path):
     ort = onnx_or_skip()
     run = vit_dir(**overrides)
     out = export_model(run, tmp_path / "onnx", to="onnx", check=False).out
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "config.json", "preprocessor_config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "config.json", "preprocessor_config.json",
+                                                 "vitlab_export.json"}
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     [inp] = session.get_inputs()
     assert inp.name == "pixel_values" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]

@@ -104,3 +104,27 @@ def test_pooling_attention_of_map_head(tiny):
     torch.testing.assert_close(pa.sum(-1), torch.ones(2, 2))
     with pytest.raises(VitlabError):
         pooling_attention(tiny(), feats)
+
+
+def test_seq_pooling_rollout_follows_the_pooling_weights():
+    """Sequence pooling (CCT): `pooling_attention` gives the weights `pool` really uses, and rollout weights the
+    patch rows by them; the TensorBoard probe draws it (it used to refuse 'seq')."""
+    from vitlab.inspect.attention import attention_rollout, forward_with_attention, pooling_attention, rollout_map
+    from vitlab.model import create_model
+    from vitlab.train.tensorboard import RolloutProbe
+
+    model = create_model("tutorial", seed=0, width=16, depth=2, heads=2, mlp_dim=32, image_size=16, patch_size=4,
+                         num_classes=10, pooling="seq", class_token=False, reg_tokens=1).eval()
+    x = torch.randn(3, 3, 16, 16)
+    feats, attns = forward_with_attention(model, x)
+    w = pooling_attention(model, feats)  # (B, 1, Np)
+    p = model.num_prefix_tokens
+    assert w.shape == (3, 1, 16) and torch.allclose(w.sum(-1), torch.ones(3, 1))
+    assert torch.allclose((w.transpose(1, 2) * feats[:, p:]).sum(1), model.pool(feats), atol=1e-6)
+    R = attention_rollout(attns, num_prefix_tokens=p)
+    flow = rollout_map(R, pooling="seq", num_prefix_tokens=p, pool_attention=w)
+    assert torch.allclose(flow, torch.einsum("bn,bnm->bm", w[:, 0], R[:, p:, p:]), atol=1e-6)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    heat, probs = RolloutProbe(images, torch.tensor([0, 1]), [str(i) for i in range(10)], mean=(0.5,) * 3,
+                               std=(0.5,) * 3).maps(model)
+    assert heat.shape == (2, 4, 4) and probs.shape == (2, 10)

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from vitlab.model import create_model
+from vitlab.rundir import read_preprocessor_config, write_preprocessor_config
 from vitlab.train.predict import load_image, predict, preprocess
-from vitlab.train.processor import read_preprocessor_config, write_preprocessor_config
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.train.evaluate import EVAL_JSON, evaluate_run
+    from vitlab.rundir import EVAL_NAME
+    from vitlab.train.evaluate import evaluate_run
 
     res = evaluate_run(args.run_dir, data=args.data, split=args.split, batch_size=args.batch_size,
                        device=args.device, progress=not args.no_progress, tta=args.tta)
@@ -36,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(c) for c in res["per_class"])
     for name, acc in res["per_class"].items():
         print(f"  {name:<{width}}  {acc:7.2%}")
-    print(f"wrote {args.run_dir}/{EVAL_JSON}" + (f" and {res['confusion_png']}" if res["confusion_png"] else
+    print(f"wrote {args.run_dir}/{EVAL_NAME}" + (f" and {res['confusion_png']}" if res["confusion_png"] else
                                                   " (no confusion.png: matplotlib is not installed)"))
     return 0

@@ -26,18 +26,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT", help="directory to write the export into")
     p.add_argument("--to", required=True, choices=("hf", "timm", "onnx"), help="target format")
     p.add_argument("--no-check", action="store_true", help="do not load the export back to compare outputs")
+    p.add_argument("--force", action="store_true", help="replace an earlier export of the same format in OUT "
+                                                        "(anything else there is refused)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.export import export_model
+    from vitlab.rundir import EXPORT_RECORD
+    from vitlab.weights import read_json
 
     if args.to == "onnx" and importlib.util.find_spec("onnxscript") is None:
         raise VitlabError("ONNX export needs onnx and onnxscript: pip install 'vitlab[export]'")
-    result = export_model(args.model_dir, args.out, to=args.to, check=not args.no_check)
+    result = export_model(args.model_dir, args.out, to=args.to, check=not args.no_check,
+                          force=args.force)
     for note in result.notes:
         print(f"note: {note}")
-    files = ", ".join(sorted(p.name for p in result.out.iterdir() if p.is_file()))
+    files = ", ".join(read_json(result.out / EXPORT_RECORD)["files"])
     print(f"exported {args.model_dir} ({result.source.kind}) -> {result.out} [{args.to}]: {files}")
     if result.max_diff is not None:
         print(f"checked: the export's outputs differ from vitlab's by at most {result.max_diff:.2g} on a random batch")

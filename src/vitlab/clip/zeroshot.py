@@ -15,6 +15,7 @@ from vitlab.clip.model import MODEL_TYPE, CLIPModel
 from vitlab.clip.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from vitlab.errors import VitlabError
 from vitlab.preprocess import ImagePreprocess, clip_preprocess, siglip_preprocess
+from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, read_json
 
 # A few of CLIP's CIFAR-10 prompts; "{}" is replaced by the class name.
@@ -99,7 +100,7 @@ def load_model_dir(directory: str | Path) -> tuple[CLIPModel, ByteTokenizer | HF
         from vitlab.convert.hf_clip import load_hf_clip
 
         model = load_hf_clip(directory)
-        hf_pre = directory / "preprocessor_config.json"
+        hf_pre = directory / PREPROCESSOR_NAME
         preprocess = ImagePreprocess.from_hf(read_json(hf_pre)) if hf_pre.is_file() else None
     else:
         raise VitlabError(f"{directory / CONFIG_NAME}: model_type {config.get('model_type')!r} is not a CLIP/SigLIP "

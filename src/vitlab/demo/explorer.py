@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from vitlab.errors import VitlabError
 from vitlab.export.source import ModelDir, open_model_dir
 from vitlab.inspect.attention import (
+    ATTENTION_POOLINGS,
     ROLLOUT_CAPTIONS,
     attention_rollout,
     cls_attention,
@@ -100,7 +101,7 @@ class Explorer:
         feats, attns = forward_with_attention(self.tower, x)  # (1, N, D), depth x (1, H, N, N)
         rollout = None
         if self.cfg.pooling in ROLLOUT_CAPTIONS:
-            pool = pooling_attention(self.tower, feats) if self.cfg.pooling == "map" else None
+            pool = pooling_attention(self.tower, feats) if self.cfg.pooling in ATTENTION_POOLINGS else None
             flow = rollout_map(attention_rollout(attns, num_prefix_tokens=self.prefix), pooling=self.cfg.pooling,
                                num_prefix_tokens=self.prefix, pool_attention=pool)  # (1, Np)
             rollout = flow[0].reshape(self.grid, self.grid)
@@ -206,7 +207,7 @@ def find_test_images(src: ModelDir, data: str | Path | None = None) -> TestImage
     $VITLAB_DATA / the default cache; None when neither has it (the page then offers uploads only).
     """
     from vitlab.data import load_dataset
-    from vitlab.train.recipes import RUN_CONFIG
+    from vitlab.rundir import RUN_CONFIG
     from vitlab.weights import read_json
 
     record = read_json(src.path / RUN_CONFIG).get("data", {}) if (src.path / RUN_CONFIG).is_file() else {}

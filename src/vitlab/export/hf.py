@@ -13,9 +13,9 @@ import torch
 
 from vitlab.export.processor import hf_image_processor_config
 from vitlab.export.source import ModelDir
+from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_state_dict, write_json
 
-PREPROCESSOR_NAME = "preprocessor_config.json"
 # Files of a transformers tokenizer: copied along when the source directory has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "spiece.model", "added_tokens.json")

@@ -17,6 +17,7 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.export.processor import hf_image_processor_config
 from vitlab.export.source import ModelDir
+from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, atomic_write, read_json, write_json
 
 MAX_ONNX_BYTES = 2 * 1024**3  # one protobuf file; larger models would need external data files
@@ -66,7 +67,7 @@ def export_onnx(src: ModelDir, out: Path) -> list[str]:
                                     input_names=[gr.input_name], output_names=[gr.output_name],
                                     dynamic_shapes=({0: batch},))
         atomic_write(out / gr.file, lambda tmp, p=program: p.save(tmp, external_data=False))
-    write_json(out / "preprocessor_config.json", hf_image_processor_config(src.preprocess, src.kind))
+    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess, src.kind))
     write_json(out / CONFIG_NAME, read_json(src.path / CONFIG_NAME))  # labels and the model's description
     return [] if src.kind == "vit" else \
         ["the encoders return unit embeddings; rank classes by their dot products (the logit scale is in "

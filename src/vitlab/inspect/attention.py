@@ -22,7 +22,10 @@ ROLLOUT_CAPTIONS = {
     "gap": "how much each input patch flows into the averaged patch tokens (GAP pooling, no class token)",
     "map": "the MAP head's attention over the final tokens (mean over heads), traced back through the "
            "rollout to the input patches",
+    "seq": "the sequence-pooling weights over the final tokens, traced back through the rollout to the input "
+           "patches",
 }
+ATTENTION_POOLINGS = ("map", "seq")  # poolings that weight the final patch tokens: `pooling_attention` gives them
 
 
 @torch.no_grad()
@@ -48,13 +51,17 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor) -> list[torch
 
 @torch.no_grad()
 def pooling_attention(model: VisionTransformer, feats: torch.Tensor) -> torch.Tensor:
-    """The MAP head's attention over the final patch tokens, (B, heads, N_patches).
+    """The pooling's weights over the final patch tokens, (B, heads, N_patches): the MAP head's attention,
+    or sequence pooling's softmax scores (CCT) as one head.
 
     `feats` are `model.forward_features(x)`; pooling reads only the patch tokens (prefix dropped).
     """
+    patches = feats[:, model.num_prefix_tokens:]  # (B, Np, D)
+    if model.seq_pool is not None:
+        return model.seq_pool(patches).softmax(dim=1).transpose(1, 2).float()  # (B, Np, 1) -> (B, 1, Np)
     if model.attn_pool is None:
-        raise VitlabError(f"the model pools with {model.cfg.pooling!r}, not a MAP head")
-    _, probs = model.attn_pool(feats[:, model.num_prefix_tokens:], return_attention=True)
+        raise VitlabError(f"the model pools with {model.cfg.pooling!r}, which has no weights over the tokens")
+    _, probs = model.attn_pool(patches, return_attention=True)
     return probs[:, :, 0].float()  # (B, H, 1, Np) -> (B, H, Np)
 
 
@@ -127,7 +134,7 @@ def rollout_map(rollout: torch.Tensor, *, pooling: str, num_prefix_tokens: int,
     """What the pooled representation draws from each input patch, (B, N_patches); see ROLLOUT_CAPTIONS.
 
     cls: the class token's row of the rollout. gap: the mean of the patch tokens' rows (those are the
-    tokens the head averages). map: the MAP head's attention over the final patch tokens, (B, H, Np)
+    tokens the head averages). map / seq: the pooling's weights over the final patch tokens, (B, H, Np)
     from `pooling_attention`, mean over heads, times the patch rows of the rollout.
     """
     p = num_prefix_tokens
@@ -135,13 +142,13 @@ def rollout_map(rollout: torch.Tensor, *, pooling: str, num_prefix_tokens: int,
         flow = rollout[:, 0]  # (B, N)
     elif pooling == "gap":
         flow = rollout[:, p:].mean(dim=1)  # (B, N)
-    elif pooling == "map":
+    elif pooling in ATTENTION_POOLINGS:
         if pool_attention is None:
-            raise VitlabError("rollout_map(pooling='map') needs pool_attention from pooling_attention()")
+            raise VitlabError(f"rollout_map(pooling={pooling!r}) needs pool_attention from pooling_attention()")
         weights = pool_attention.float().mean(dim=1)  # (B, Np)
         flow = (weights[:, None] @ rollout[:, p:])[:, 0]  # (B, 1, Np) @ (B, Np, N) -> (B, N)
     else:
-        raise VitlabError(f"pooling must be cls, gap or map, got {pooling!r}")
+        raise VitlabError(f"pooling must be one of {tuple(ROLLOUT_CAPTIONS)}, got {pooling!r}")
     return flow[:, p:]  # (B, Np)
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from vitlab.inspect.attention import (
+    ATTENTION_POOLINGS,
     ROLLOUT_CAPTIONS,
     attention_rollout,
     cls_attention,
@@ -24,7 +25,7 @@ from vitlab.inspect.attention import (
 )
 from vitlab.inspect.distance import mean_attention_distance, patch_distances
 from vitlab.inspect.embeddings import has_tsne, pca_2d, tsne_2d
-from vitlab.inspect.filters import patch_filter_pca
+from vitlab.inspect.filters import patch_filter_pca, stem_kernels
 from vitlab.inspect.images import model_inputs
 from vitlab.inspect.posemb import position_similarity
 from vitlab.inspect.report import Section, write_report
@@ -47,7 +48,7 @@ class Analysis:
     embeddings: torch.Tensor  # (B, F)
     distance: torch.Tensor  # (L, H) pixels, averaged over all images
     attns: list[torch.Tensor]  # per layer (S, H, N, N) for the first S images only
-    pool_attn: torch.Tensor | None  # (S, H, Np) MAP head attention, map pooling only
+    pool_attn: torch.Tensor | None  # (S, H, Np) the pooling's weights over the patches, map / seq pooling only
 
 
 @dataclass
@@ -81,7 +82,7 @@ def analyse(run: Run, inputs: Inputs, *, show: int, batch_size: int = 64) -> Ana
             take = show - sum(len(a[0]) for a in kept)
             if take > 0:
                 kept.append([a[:take].cpu() for a in attns])
-                if cfg.pooling == "map":
+                if cfg.pooling in ATTENTION_POOLINGS:
                     kept_pool.append(pooling_attention(model, feats[:take]).cpu())
             bar.update(len(batch))
     return Analysis(
@@ -163,6 +164,8 @@ def _attention_sections(run: Run, inputs: Inputs, an: Analysis, sections: _Secti
 
     if cfg.pooling == "map":  # the query that really pools is the MAP head's
         heads, what = an.pool_attn, "MAP head attention (learned query -> final patch tokens)"
+    elif cfg.pooling == "seq":  # the scores that really pool: one "head"
+        heads, what = an.pool_attn, "Sequence-pooling weights (softmax scores of the final patch tokens)"
     else:
         heads = cls_attention(an.attns[-1], num_prefix_tokens=p, query=query)  # (S, H, Np)
         what = _query_words(query) + f" in the last block ({L})"
@@ -199,7 +202,8 @@ def _attention_sections(run: Run, inputs: Inputs, an: Analysis, sections: _Secti
 
 
 def _weight_sections(run: Run, sections: _Sections, notes: list[str]) -> None:
-    """Views of the weights alone: position-embedding similarity and patch-filter components."""
+    """Views of the weights alone: position-embedding similarity and patch-filter components (conv stem: its
+    first kernels)."""
     from vitlab.inspect import plots
 
     model, cfg = run.model, run.model.cfg
@@ -212,6 +216,15 @@ def _weight_sections(run: Run, sections: _Sections, notes: list[str]) -> None:
                      "position_similarity.png", "Position embedding similarity",
                      "Cosine similarity between the position embedding of each patch position and all others "
                      "(ViT paper Fig. 7 centre)." + (" Class/register positions are left out." if stripped else ""))
+    if cfg.stem == "conv":  # no patch projection to decompose: its first conv sees the pixels
+        w = stem_kernels(model, k=28)
+        sections.add(plots.plot_patch_filters(w, title=f"Conv stem: the {len(w)} strongest of its first "
+                                              f"{model.patch_embed.convs[0].out_channels} 3x3 kernels (RGB)\n"
+                                              "each tile scaled to its own min..max", tile_prefix="k"),
+                     "stem_kernels.png", "Conv stem kernels",
+                     "The first 3x3 convolution of the conv stem, the filters that see the pixels (as the first "
+                     "layer of a CNN), strongest (L2 norm) first, each tile min-max scaled.")
+        return
     fp = patch_filter_pca(model, k=28)
     C, P = cfg.in_channels, cfg.patch_size
     sections.add(plots.plot_patch_filters(fp.components.reshape(-1, C, P, P),

@@ -24,3 +24,10 @@ def patch_filter_components(model: VisionTransformer, k: int = 28) -> torch.Tens
     _, C, P, Q = model.patch_embed.proj.weight.shape
     comps = patch_filter_pca(model, k=k).components
     return comps.reshape(-1, C, P, Q)  # (k, C, P, P)
+
+
+def stem_kernels(model: VisionTransformer, *, k: int = 28) -> torch.Tensor:
+    """The conv stem's first 3x3 kernels, the ones that see the pixels, strongest (L2 norm) first: (k, C, 3, 3)."""
+    w = model.patch_embed.convs[0].weight.detach()  # (C1, C, 3, 3)
+    order = w.flatten(1).norm(dim=1).argsort(descending=True)
+    return w[order[:k]]

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from vitlab.preprocess import HALF, ImagePreprocess
+from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import read_json
-
-PREPROCESSOR_NAME = "preprocessor_config.json"
 
 
 def run_preprocess(run_dir: str | Path, *, image_size: int) -> ImagePreprocess:

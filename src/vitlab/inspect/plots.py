@@ -222,8 +222,10 @@ def plot_position_similarity(sim, *, grid: tuple[int, int], kind: str) -> Figure
     return fig
 
 
-def plot_patch_filters(components, *, explained_variance_ratio=None, cols: int = 7) -> Figure:
-    """ViT Fig. 7 left: principal components of the patch filters (k, C, P, P) as min-max scaled RGB tiles."""
+def plot_patch_filters(components, *, explained_variance_ratio=None, cols: int = 7, title: str | None = None,
+                       tile_prefix: str = "PC") -> Figure:
+    """ViT Fig. 7 left: principal components of the patch filters (k, C, P, P) as min-max scaled RGB tiles;
+    `title` / `tile_prefix` name other filters drawn the same way (the conv stem's kernels)."""
     comps = _np(components)
     k, C = comps.shape[:2]
     rows, cols = math.ceil(k / cols), min(cols, k)
@@ -241,10 +243,10 @@ def plot_patch_filters(components, *, explained_variance_ratio=None, cols: int =
         else:
             ax.imshow(tile[0], cmap="gray", interpolation="nearest")
         pct = f" ({100 * ratio[i]:.2g}%)" if ratio is not None else ""
-        ax.set_title(f"PC{i + 1}{pct}", fontsize=8)
+        ax.set_title(f"{tile_prefix}{i + 1}{pct}", fontsize=8)
     P = comps.shape[-1]
-    fig.suptitle(f"Patch embedding filters: first {k} principal components ({P}x{P} px, RGB)\n"
-                 "each tile scaled to its own min..max; % = share of the filters' variance", fontsize=10)
+    fig.suptitle(title or f"Patch embedding filters: first {k} principal components ({P}x{P} px, RGB)\n"
+                          "each tile scaled to its own min..max; % = share of the filters' variance", fontsize=10)
     return fig
 
 

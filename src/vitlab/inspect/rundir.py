@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +11,9 @@ from vitlab.errors import VitlabError
 from vitlab.inspect.images import run_preprocess
 from vitlab.model.vit import VisionTransformer
 from vitlab.preprocess import ImagePreprocess
-from vitlab.weights import CONFIG_NAME, read_json
+from vitlab.rundir import CONFIG_NAME, EVAL_NAME, METRICS_NAME, read_eval_confusion, read_metrics
+from vitlab.weights import read_json
 
-METRICS_NAME = "metrics.jsonl"
-EVAL_NAME = "eval.json"
 CLIP_MODEL_TYPES = ("vitlab_clip", "clip", "siglip")  # vitlab CLIP/SigLIP dirs and Hugging Face ones
 
 
@@ -55,43 +53,8 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
         names = [str(i) for i in range(n)]
     run = Run(path, model, names, run_preprocess(path, image_size=model.cfg.image_size))
     run.metrics = read_metrics(path / METRICS_NAME, run.notes)
-    run.confusion = read_confusion(path / EVAL_NAME, n, run.notes)
+    run.confusion = read_eval_confusion(path / EVAL_NAME, n, run.notes)
     return run
-
-
-def read_metrics(path: Path, notes: list[str]) -> list[dict]:
-    """One dict per line of metrics.jsonl; a half-written last line (run still going) is skipped."""
-    if not path.is_file():
-        notes.append(f"no {path.name} in the run directory: training curves skipped")
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            notes.append(f"{path.name} line {i} is not JSON: skipped")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def read_confusion(path: Path, num_classes: int, notes: list[str]) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    cm = read_json(path).get("confusion_matrix")
-    if cm is None:
-        return None
-    try:
-        cm = torch.tensor(cm, dtype=torch.int64)
-    except (TypeError, ValueError):
-        cm = None
-    if cm is None or cm.shape != (num_classes, num_classes):
-        notes.append(f"{path.name}: confusion_matrix is not a {num_classes}x{num_classes} list of counts: ignored")
-        return None
-    return cm
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ evaluation, prediction.
     result.test_top1
 """
 
+from vitlab.rundir import RUN_CONFIG, read_preprocessor_config, write_preprocessor_config
 from vitlab.train.checkpoint import load_checkpoint, save_checkpoint
 from vitlab.train.classification import resume, train
 from vitlab.train.classify import ClassifyTask, build_model
@@ -14,8 +15,7 @@ from vitlab.train.loop import Trainer, TrainResult
 from vitlab.train.metrics import MetricsLog
 from vitlab.train.optim import WarmupCosine, create_optimizer, param_groups
 from vitlab.train.predict import Prediction, predict, preprocess
-from vitlab.train.processor import read_preprocessor_config, write_preprocessor_config
-from vitlab.train.recipes import DEFAULT_RECIPE, RECIPES, RUN_CONFIG, RunConfig, TrainConfig, resolve_recipe
+from vitlab.train.recipes import DEFAULT_RECIPE, RECIPES, RunConfig, TrainConfig, resolve_recipe
 from vitlab.train.task import Batch, Task
 
 __all__ = [

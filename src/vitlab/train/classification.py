@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vitlab.rundir import RUN_CONFIG
 from vitlab.train import loop
 from vitlab.train.classify import ClassifyTask, check_model
 from vitlab.train.loop import TrainResult
-from vitlab.train.recipes import RUN_CONFIG, TrainConfig, resolve_recipe
+from vitlab.train.recipes import TrainConfig, resolve_recipe
 from vitlab.train.streaming import classify_task
 
 TEACHER_DIR = "teacher"  # a "stage" teacher's own run dir, inside the student's

@@ -13,10 +13,10 @@ from vitlab.distill import TeacherConfig, TeacherNet, distillation_loss
 from vitlab.errors import VitlabError
 from vitlab.model import VisionTransformer, create_model, parse_variant
 from vitlab.model.hub import seeded
+from vitlab.rundir import write_preprocessor_config
 from vitlab.speed import inference_forward, soft_cross_entropy
 from vitlab.train.evaluate import evaluate_sharded
 from vitlab.train.finetune import init_model
-from vitlab.train.processor import write_preprocessor_config
 from vitlab.train.recipes import TrainConfig
 from vitlab.train.resize import ResizeSchedule
 from vitlab.train.splits import folder_image_size, load_splits, stream_splits

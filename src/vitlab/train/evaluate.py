@@ -13,14 +13,23 @@ from tqdm import tqdm
 
 from vitlab.data import load_dataset, normalize
 from vitlab.errors import VitlabError
+from vitlab.rundir import (
+    CONFUSION_PNG,
+    EVAL_NAME,
+    METRICS_NAME,
+    RUN_CONFIG,
+    read_metrics,
+    weights_sha256,
+    write_eval,
+)
 from vitlab.speed import inference_forward
 from vitlab.train.distributed import _collective_device, all_reduce_sum, get_rank, get_world_size
+from vitlab.train.lock import RunLock
 from vitlab.train.metrics import figures
 from vitlab.train.predict import load_run
-from vitlab.train.recipes import RUN_CONFIG
 from vitlab.train.runtime import resolve_device
 from vitlab.train.tta import view_logits
-from vitlab.weights import read_json, write_json
+from vitlab.weights import read_json
 
 
 @dataclass
@@ -102,8 +111,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
     return scores.result(count, plain.result(count) if plain is not None else None)
 
 
-EVAL_JSON = "eval.json"
-CONFUSION_PNG = "confusion.png"
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: str = "test",
@@ -112,9 +119,21 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: 
 
     The dataset name comes from the run's train_config.json (CIFAR-10 when there is none, e.g. a converted
     model), the normalisation from its preprocessor_config.json, so the numbers match training.
+    The run's lock is held throughout: a run that a live trainer holds is refused in one line, so the
+    weights scored are the ones eval.json names (sha256, training step) and nothing lands in a busy run.
     Returns the eval.json content.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitlabError(f"run dir {run_dir} not found")
+    with RunLock(run_dir, command="vitlab eval"):
+        return _evaluate_run(run_dir, data=data, split=split, batch_size=batch_size, device=device,
+                             progress=progress, tta=tta)
+
+
+def _evaluate_run(run_dir: Path, *, data, split: str, batch_size: int, device: str, progress: bool,
+                  tta: str) -> dict:
+    sha = weights_sha256(run_dir)  # before loading: the lock keeps the file as it is until we are done
     model, processor, names = load_run(run_dir)
     record = read_json(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else {}
     dataset = record.get("data", {}).get("dataset", "cifar10")
@@ -132,11 +151,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: 
                    device=dev, precision=precision, image_size=getattr(model.cfg, "image_size", None),
                    progress=progress, desc=split, tta=tta)
     classes = names if len(names) == ds.num_classes else ds.classes
-    out = {"run_dir": str(run_dir), "dataset": dataset, "split": split, "count": res.count, "loss": res.loss,
-           "top1": res.top1, "top5": res.top5, "per_class": dict(zip(classes, res.per_class)),
-           "confusion": res.confusion.tolist(), "classes": classes, "precision": precision, "tta": tta,
+    out = {"run_dir": str(run_dir), "weights_sha256": sha, "step": _last_step(run_dir), "dataset": dataset,
+           "split": split, "count": res.count, "loss": res.loss, "top1": res.top1, "top5": res.top5,
+           "per_class": dict(zip(classes, res.per_class)), "classes": classes, "precision": precision, "tta": tta,
            **({"top1_without_tta": res.plain.top1} if res.plain is not None else {})}
-    write_json(run_dir / EVAL_JSON, out)
+    write_eval(run_dir / EVAL_NAME, out, res.confusion)
+    out["confusion"] = res.confusion.tolist()
     plots, png = figures(), None
     if plots is not None:
         fig = plots.plot_confusion(res.confusion, classes, title=f"{run_dir.name}: {dataset} {split}, "
@@ -175,3 +195,10 @@ def evaluate_sharded(model, images: torch.Tensor, labels: torch.Tensor, **kw) ->
         return evaluate(model, images, labels, **kw)
     rank = get_rank()
     return merge_results([evaluate(model, images[rank::world], labels[rank::world], **kw)])
+
+
+def _last_step(run_dir: Path) -> int | None:
+    """The training step of the saved weights: metrics.jsonl's last row (the trainer saves right after it)."""
+    rows = read_metrics(run_dir / METRICS_NAME, [])
+    step = rows[-1].get("step") if rows else None
+    return step if isinstance(step, int) else None

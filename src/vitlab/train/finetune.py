@@ -15,7 +15,6 @@ the source at that size).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
@@ -25,19 +24,12 @@ from vitlab.errors import VitlabError
 from vitlab.model import VisionTransformer
 from vitlab.model.hub import seeded
 from vitlab.model.posemb import resample_grid
+from vitlab.rundir import sha256_file
 from vitlab.weights import load_into
 
 # config fields a fine-tuning run may set besides image_size and num_classes; the rest is the source's
 TRAINING_FIELDS = ("dropout", "attn_dropout", "head_dropout", "drop_path")
 HEAD_PREFIXES = ("head.", "head_dist.")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionTransformer, dict]:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitlab.errors import VitlabError
-
-LOCK_NAME = ".vitlab-lock"
+from vitlab.rundir import LOCK_NAME
 
 
 @dataclass

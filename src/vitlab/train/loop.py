@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from vitlab.errors import VitlabError
+from vitlab.rundir import RUN_CONFIG
 from vitlab.speed import TrainStep
 from vitlab.train.budget import Budget
 from vitlab.train.callbacks import Callback, EmaUpdate, Report
@@ -49,7 +50,7 @@ from vitlab.train.parallel import (
     joins_torchrun,
     restarted_run,
 )
-from vitlab.train.recipes import RUN_CONFIG, RunConfig
+from vitlab.train.recipes import RunConfig
 from vitlab.train.runstate import mid_epoch_checkpoint, plan_run, refit, restore, write_checkpoint, write_run_files
 from vitlab.train.task import Batch, Task
 from vitlab.train.tensorboard import open_tensorboard

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from vitlab.errors import VitlabError
+from vitlab.rundir import RUN_CONFIG
 from vitlab.train.distributed import (
     barrier,
     broadcast_object,
@@ -38,7 +39,6 @@ from vitlab.train.distributed import (
     local_device,
     wrap_ddp,
 )
-from vitlab.train.recipes import RUN_CONFIG
 from vitlab.train.runtime import resolve_device
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from vitlab.errors import VitlabError
 from vitlab.images import open_image
 from vitlab.model import VisionTransformer
 from vitlab.preprocess import ImagePreprocess, to_rgb
-from vitlab.train.processor import read_preprocessor_config
+from vitlab.rundir import read_preprocessor_config
 from vitlab.weights import CONFIG_NAME, read_json
 
 

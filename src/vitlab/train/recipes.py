@@ -27,7 +27,6 @@ from vitlab.train.resize import parse_resize_schedule
 from vitlab.train.tta import TTA_MODES
 
 ON_NONFINITE = ("stop", "skip")  # what a NaN/Inf loss does (vitlab.train.guard): the option lives with the config
-RUN_CONFIG = "train_config.json"  # the resolved config + plan + data info, in every run dir
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vitlab.rundir import RUN_CONFIG
 from vitlab.train.checkpoint import (
     check_schedule,
     check_total_steps,
@@ -28,7 +29,6 @@ from vitlab.train.distributed import all_reduce_sum
 from vitlab.train.optim import WarmupCosine
 from vitlab.train.parallel import agreed, launch_record
 from vitlab.train.probes import probe_epoch_end, probe_step
-from vitlab.train.recipes import RUN_CONFIG
 from vitlab.weights import load_into, write_json
 
 if TYPE_CHECKING:

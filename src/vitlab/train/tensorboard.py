@@ -25,6 +25,7 @@ from PIL import Image
 
 from vitlab.data import normalize
 from vitlab.inspect.attention import (
+    ATTENTION_POOLINGS,
     ROLLOUT_CAPTIONS,
     attention_rollout,
     forward_with_attention,
@@ -79,7 +80,7 @@ class RolloutProbe:
         vit = vision_tower(model)
         cfg, p = vit.cfg, vit.num_prefix_tokens
         feats, attns = forward_with_attention(vit, self.x)
-        pool = pooling_attention(vit, feats) if cfg.pooling == "map" else None
+        pool = pooling_attention(vit, feats) if cfg.pooling in ATTENTION_POOLINGS else None
         flow = rollout_map(attention_rollout(attns, num_prefix_tokens=p), pooling=cfg.pooling, num_prefix_tokens=p,
                            pool_attention=pool)  # (B, Np)
         probs = vit.forward_head(feats).float().softmax(-1).cpu() if cfg.num_classes else None
