@@ -334,3 +334,25 @@ def test_a_killed_streamed_run_resumes_at_once(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "in use by" not in r.stderr and (run / "model.safetensors").exists()
 
+
+
+def test_an_empty_class_folder_is_refused_or_warned_never_silent(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for name in ("ant", "bee"):
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / name / f"{i}.png")
+    (tmp_path / "imgs" / "train" / "emptyclass").mkdir()
+    monkeypatch.setitem(ENV, "XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["train", "--dataset", "folder", "--data", str(tmp_path / "imgs"), *STREAM_TINY, "--epochs", "1"]
+    for mode in ("memory", "stream"):
+        r = vitlab(*args, "--out", str(tmp_path / f"refused-{mode}"), "--data-mode", mode)
+        assert r.returncode == 2 and str(tmp_path / "imgs" / "train" / "emptyclass") in one_line(r.stderr)
+        assert "--allow-empty-classes" in r.stderr
+    r = vitlab(*args, "--out", str(tmp_path / "kept"), "--allow-empty-classes")
+    assert r.returncode == 0, r.stderr
+    assert "emptyclass" in r.stderr and "Traceback" not in r.stderr  # warned, naming it
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["ant", "bee", "emptyclass"]

@@ -192,6 +192,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="recompute activations in backward (less memory, slower)")
     p.add_argument("--freeze-backbone", action="store_const", const=True, default=None,
                    help="with --init: train the classifier only (a linear probe)")
+    p.add_argument("--allow-empty-classes", action="store_const", const=True, default=None,
+                   help="image folders: keep a train/ class folder with no images as a class (warned) instead of "
+                        "refusing")
     p.set_defaults(func=run)
 
 
@@ -226,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     overrides = chosen(args, (*OVERRIDES, "flip", "alternate_flip", "compile", "grad_checkpointing", "tensorboard",
-                              "freeze_backbone"))
+                              "freeze_backbone", "allow_empty_classes"))
     if args.recipe is None and args.resume is None:
         args.recipe = recipe_for_budget(overrides.get("time_budget"))
     check_init(args, overrides)

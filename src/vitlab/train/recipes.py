@@ -128,6 +128,7 @@ class TrainConfig(RunConfig):
     data_mode: str = "auto"  # image folders: memory | stream (decoded by DataLoader workers) | auto (memory if it fits)
     image_size: int = 0  # image folders: side the images are decoded and cropped to; 0 = 32
     workers: int = 2  # data_mode stream: decoding processes per rank
+    allow_empty_classes: bool = False  # image folders: keep a train/ class folder with no images (warned), not refuse
     memory_share: float = 0.5  # data_mode auto: stream when the decoded folder needs more of the available memory
     init: str = ""  # fine-tune from these weights: a vitlab / Hugging Face model dir, or a timm safetensors file
     variant: str = ""  # with init: the vitlab variant of a bare timm file (no config.json), e.g. Ti/16

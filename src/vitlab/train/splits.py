@@ -64,7 +64,8 @@ def load_splits(config: TrainConfig, data: str | Path | None = None, *, download
     if getattr(config, "data_mode", "memory") == "stream":
         return stream_splits(config, data)
     root = resolve_data_dir(data, config.dataset)
-    kw = {"download": download} if config.dataset.startswith("cifar") else {"image_size": folder_image_size(config)}
+    kw = {"download": download} if config.dataset.startswith("cifar") else {
+        "image_size": folder_image_size(config), "allow_empty_classes": getattr(config, "allow_empty_classes", False)}
     train = load_dataset(config.dataset, root, "train", **kw)
     test = load_dataset(config.dataset, root, "test", **kw)
     val = None

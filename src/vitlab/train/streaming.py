@@ -55,7 +55,8 @@ def resolve_data_mode(config: TrainConfig, data: str | Path | None) -> str:
     if mode == "auto":
         def count() -> int:
             root = resolve_data_dir(data, "folder")
-            return sum(len(scan_folder(root, split).files) for split in ("train", "test"))
+            allow = getattr(config, "allow_empty_classes", False)
+            return sum(len(scan_folder(root, s, allow_empty_classes=allow).files) for s in ("train", "test"))
         mode = agreed(choose_data_mode(mode, num_images=count(), image_size=folder_image_size(config),
                                        memory_share=config.memory_share) if is_main() else None)
     return mode
@@ -117,7 +118,8 @@ def stream_splits(config: TrainConfig, data: str | Path | None) -> Splits:
     if config.augment.alternate_flip:
         raise VitlabError("alternate flips follow each image through the epochs: they need --data-mode memory")
     root, size = resolve_data_dir(data, "folder"), folder_image_size(config)
-    train, test = scan_folder(root, "train"), scan_folder(root, "test")
+    allow = getattr(config, "allow_empty_classes", False)
+    train, test = scan_folder(root, "train", allow_empty_classes=allow), scan_folder(root, "test")
     mean, std = sample_stats(train.files, size, seed=config.seed)  # the same seeded sample on every rank
     return Splits(StreamedSplit(root, "train", len(train.files), train.classes, size),
                   None, StreamedSplit(root, "test", len(test.files), train.classes, size),
@@ -138,7 +140,8 @@ class StreamTask(ClassifyTask):
     def loader(self, split: StreamedSplit, *, batch_size: int, train: bool) -> StreamLoader:
         return StreamLoader(split.root, split.split, image_size=split.image_size, batch_size=batch_size,
                             train=train, seed=self.config.seed, workers=self.config.workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            allow_empty_classes=getattr(self.config, "allow_empty_classes", False))
 
     def streamed(self, images: torch.Tensor, labels: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
         """ClassifyTask's batch of a streamed (uint8 images, labels) batch: it stands in for the in-memory set."""
