@@ -1,5 +1,6 @@
-"""`vitlab train` under faults, with real processes: SIGTERM, a second writer, a killed holder's stale lock, a full
-disk, a diverging run, corrupted run files on resume, empty or wrong paths. Tiny runs on random images.
+"""`vitlab train` under faults, with real processes: SIGTERM, a second writer, a killed holder's stale lock (its forked
+workers never keep it), a full disk, a diverging run, corrupted run files on resume, empty or wrong paths. Tiny
+runs on random images.
 
 A run is paused at a chosen point by a wrapper (PAUSING) that waits for a file, so the test signals, kills or
 fills the disk at a known moment with no sleeps in the logic under test.
@@ -14,10 +15,13 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vitlab.cli import main
+from vitlab.train.lock import RunLock
 from vitlab.weights import load_state_dict
 
 TINY = ["--recipe", "tutorial", "--epochs", "3", "--train-subset", "64", "--test-subset", "32", "--batch-size", "16",
@@ -261,3 +265,93 @@ def test_empty_or_wrong_paths_are_one_line(tmp_path, capsys, command):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing created
+
+# Takes the lock, forks a child that outlives it (as a DataLoader worker outlives a killed trainer), says both pids.
+HOLDER_WITH_CHILD = textwrap.dedent("""
+    import multiprocessing as mp, os, sys, time
+    from pathlib import Path
+    from vitlab.train.lock import RunLock
+    run, sync = Path(sys.argv[1]), Path(sys.argv[2])
+    lock = RunLock(run, command="holder").acquire()
+    child = mp.get_context("fork").Process(target=time.sleep, args=(600,))
+    child.start()
+    (sync / "pids").write_text(f"{os.getpid()} {child.pid}")
+    time.sleep(600)
+""")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    run, sync = tmp_path / "run", tmp_path / "sync"
+    sync.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_WITH_CHILD, str(run), str(sync)], env=ENV)
+    for _ in range(6000):  # a hang guard only: 60 s
+        if (sync / "pids").exists() and len((sync / "pids").read_text().split()) == 2:
+            break
+        time.sleep(0.01)
+    parent, child = map(int, (sync / "pids").read_text().split())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        assert _alive(child)  # the orphan still runs, with the inherited descriptor closed
+        with RunLock(run, command="resume") as lock:
+            assert lock.held and lock.stale is not None and lock.stale.pid == parent
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+STREAM_TINY = [a for i, a in enumerate(TINY) if "subset" not in a and "subset" not in TINY[i - 1]]  # folder splits
+
+
+def test_a_killed_streamed_run_resumes_at_once(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for name in ("ant", "bee"):
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / name / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data", str(tmp_path / "imgs"), "--out", str(run), *STREAM_TINY,
+            "--data-mode", "stream", "--workers", "2"]
+    monkeypatch.setitem(ENV, "XDG_CACHE_HOME", str(tmp_path / "cache"))
+    proc = start_paused(tmp_path / "sync", "step:1", *args)  # paused mid-epoch: its workers are running
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "the streamed run should have DataLoader workers"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert any(_alive(int(w)) for w in workers)  # orphaned workers still running as the resume starts
+    r = subprocess.run([sys.executable, "-m", "vitlab", "train", "--resume", str(run), "--no-progress"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert "in use by" not in r.stderr and (run / "model.safetensors").exists()
+
+
+
+def test_an_empty_class_folder_is_refused_or_warned_never_silent(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for name in ("ant", "bee"):
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / name / f"{i}.png")
+    (tmp_path / "imgs" / "train" / "emptyclass").mkdir()
+    monkeypatch.setitem(ENV, "XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["train", "--dataset", "folder", "--data", str(tmp_path / "imgs"), *STREAM_TINY, "--epochs", "1"]
+    for mode in ("memory", "stream"):
+        r = vitlab(*args, "--out", str(tmp_path / f"refused-{mode}"), "--data-mode", mode)
+        assert r.returncode == 2 and str(tmp_path / "imgs" / "train" / "emptyclass") in one_line(r.stderr)
+        assert "--allow-empty-classes" in r.stderr
+    r = vitlab(*args, "--out", str(tmp_path / "kept"), "--allow-empty-classes")
+    assert r.returncode == 0, r.stderr
+    assert "emptyclass" in r.stderr and "Traceback" not in r.stderr  # warned, naming it
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["ant", "bee", "emptyclass"]

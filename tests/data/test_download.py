@@ -120,3 +120,65 @@ def test_a_corrupt_download_is_refused_and_leaves_nothing(server, monkeypatch):
     with pytest.raises(VitlabError, match=r"is corrupt \(MD5 [0-9a-f]{32}, expected 0{32}\)"):
         load_cifar10()
     assert requests == [f"/mirror/{ARCHIVE}"] and (not cache.exists() or not any(cache.iterdir()))
+
+
+def _bad_archive(kind, good: bytes) -> bytes:
+    if kind == "junk":
+        return b"not an archive at all"
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz"):
+        pass  # a readable archive with no members
+    return buf.getvalue()
+
+
+def _served(files) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(files.iterdir()):
+            tar.add(f, arcname=f"cifar-10-batches-bin/{f.name}")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["junk", "truncated", "member-less"])
+def test_a_corrupt_archive_in_the_cache_is_moved_aside_and_fetched_again(server, kind):
+    files, requests, cache = server
+    cache.mkdir(parents=True)
+    bad = _bad_archive(kind, _served(files))
+    (cache / ARCHIVE).write_bytes(bad)
+    ds = load_cifar10(split="test")
+    ref = _reference(files, "test")
+    assert torch.equal(ds.images, ref.images) and requests == [f"/mirror/{ARCHIVE}"]
+    aside = [p for p in cache.iterdir() if p.name.startswith(f"{ARCHIVE}.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == bad  # kept, renamed, out of the way
+    assert len(load_cifar10(split="train")) == len(_reference(files, "train"))  # healed: later runs just work
+
+
+def test_a_corrupt_cached_archive_offline_is_one_line_naming_it(server, monkeypatch):
+    _, _, cache = server
+    cache.mkdir(parents=True)
+    (cache / ARCHIVE).write_bytes(b"junk")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(cifar, "URL", f"http://127.0.0.1:{port}/mirror/")
+    with pytest.raises(VitlabError) as err:
+        load_cifar10()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{cache / ARCHIVE} was corrupt (MD5 {hashlib.md5(b'junk').hexdigest()}")
+    assert "moved aside" in msg and "VITLAB_DATA" in msg and "cannot download" in msg  # what to do
+    assert not (cache / ARCHIVE).exists() and len(list(cache.glob(f"{ARCHIVE}.corrupt-*"))) == 1
+
+
+def test_a_corrupt_archive_in_a_named_folder_is_named_and_never_moved(server, tmp_path):
+    _, requests, _ = server
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ARCHIVE).write_bytes(b"junk")
+    with pytest.raises(VitlabError) as err:
+        load_cifar10(mine, download=True)
+    msg = str(err.value)
+    assert "\n" not in msg and str(mine / ARCHIVE) in msg and "corrupt" in msg and "left in place" in msg
+    assert (mine / ARCHIVE).read_bytes() == b"junk" and sorted(p.name for p in mine.iterdir()) == [ARCHIVE]
+    assert requests == []

@@ -138,3 +138,16 @@ def test_folder_errors(tmp_path, cache):
     (tmp_path / "bad" / "a" / "x.png").write_bytes(b"nope")
     with pytest.raises(VitlabError, match=r"no readable images under .*bad: 1 unreadable, e.g. .*x\.png"):
         load_image_folder(tmp_path / "bad", cache_dir=cache)
+
+
+def test_an_empty_training_class_folder_is_an_error_or_a_named_warning(tmp_path, cache):
+    save(tmp_path / "d" / "train" / "cat" / "0.png", solid((255, 0, 0)))
+    save(tmp_path / "d" / "test" / "cat" / "0.png", solid((255, 0, 0)))
+    (tmp_path / "d" / "train" / "zebra" / "sub").mkdir(parents=True)  # folders, but no image anywhere under it
+    with pytest.raises(VitlabError, match=f"{tmp_path / 'd' / 'train' / 'zebra'}.*--allow-empty-classes"):
+        load_image_folder(tmp_path / "d", "train", cache_dir=cache)
+    with pytest.warns(UserWarning, match="zebra"):
+        ds = load_image_folder(tmp_path / "d", "train", cache_dir=cache, allow_empty_classes=True)
+    assert ds.classes == ["cat", "zebra"] and ds.labels.tolist() == [0]
+    test = load_image_folder(tmp_path / "d", "test", cache_dir=cache)  # no zebra images to test on: no error there
+    assert test.classes == ["cat", "zebra"]

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
+import os
+import shutil
+import sys
+import tempfile
 
 from vitlab.errors import VitlabError
 
@@ -22,7 +27,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--data", metavar="DIR", help="dataset directory for the test-image picker (default: the run's "
                                                  "recorded data dir, then $VITLAB_DATA)")
+    p.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password before the page "
+                                                       "(Gradio's login); advised with a --host other than loopback")
+    p.add_argument("--max-upload-mb", type=float, default=5.0, help="refuse uploads larger than this (default 5)")
     p.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise VitlabError("--auth must be USER:PASS, both non-empty")
+    return user, password
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +55,22 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"vitlab demo needs {' and '.join(missing)}: pip install 'vitlab[demo,plot]'")
     if not 0 < args.port < 65536:
         raise VitlabError(f"--port must be in 1..65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise VitlabError(f"--max-upload-mb must be > 0, got {args.max_upload_mb:g}")
+    auth = parse_auth(args.auth)
+    if not is_loopback(args.host):
+        print(f"vitlab demo: warning: --host {args.host} serves the page to the network: anyone who can reach "
+              f"this machine can use it{'' if auth else ' (--auth USER:PASS asks for a password)'}", file=sys.stderr)
+    # uploads land in a private folder, removed when the server exits (Gradio reads this when it is imported)
+    uploads = tempfile.mkdtemp(prefix="vitlab-demo-uploads-")
+    os.environ["GRADIO_TEMP_DIR"] = uploads
+    try:
+        return _serve(args, auth)
+    finally:
+        shutil.rmtree(uploads, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, auth: tuple[str, str] | None) -> int:
     from vitlab.demo.app import serve
     from vitlab.demo.explorer import Explorer
 
@@ -40,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"vitlab demo: {ex.summary()}; {where}")
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
-        serve(ex, host=args.host, port=args.port)
+        serve(ex, host=args.host, port=args.port, auth=auth, max_upload_mb=args.max_upload_mb)
     except OSError as e:  # the port is taken or the address is not this machine's
         raise VitlabError(f"cannot serve on {args.host}:{args.port}: {e}") from None
     return 0

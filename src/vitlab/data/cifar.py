@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from vitlab.data.dataset import ImageDataset
-from vitlab.data.download import download_file
+from vitlab.data.download import download_file, md5sum
 from vitlab.data.paths import DATA_ENV, is_cache_dir, resolve_data_dir
 from vitlab.errors import VitlabError
 from vitlab.weights import atomic_write
@@ -152,20 +153,51 @@ def _find_files(spec: CifarSpec, root: Path, split: str, download: bool | None) 
             names = _layout_names(spec, split, layout)
             if (folder / names[0]).is_file():
                 return [(n, _read(folder / n), str(folder / n)) for n in names]
-    for archive, _ in spec.archives.values():
+    corrupt = ""  # what was wrong with an archive in the cache dir, moved aside to be fetched again
+    for archive, md5 in spec.archives.values():
         if (root / archive).is_file():
-            return _read_archive(spec, root / archive, split)
+            if not is_cache_dir(root, spec.key):  # a folder the user named: read as is, never moved
+                return _read_user_archive(spec, root / archive, split, md5)
+            if (got := md5sum(root / archive)) == md5:
+                return _read_archive(spec, root / archive, split)
+            aside = _move_aside(root / archive)
+            corrupt = f"{root / archive} was corrupt (MD5 {got}, expected {md5}) and was moved aside to {aside.name}; "
+            break
     archive, md5 = spec.archives["binary"]
     if not (download or (download is None and is_cache_dir(root, spec.key))):
         raise VitlabError(
-            f"no {spec.title} data in {root}: put the official binary or python files (or {archive}) there, "
+            f"{corrupt}no {spec.title} data in {root}: put the official binary or python files (or {archive}) there, "
             f"or point --data / {DATA_ENV} at them, or download them (vitlab train --download, or download=True)"
         )
     files = ", ".join(dict.fromkeys(n for split_ in spec.splits for n in _layout_names(spec, split_, "binary")))
     hint = f"put {archive} or its files ({files}) in {root}, or set {DATA_ENV} to a folder holding them"
-    path = download_file(URL + archive, root / archive, md5=md5, hint=hint)
+    try:
+        path = download_file(URL + archive, root / archive, md5=md5, hint=hint)
+    except VitlabError as e:
+        raise VitlabError(corrupt + str(e)) from None
     _unpack_binary(spec, path, root / spec.subdirs["binary"])
     return _find_files(spec, root, split, download=False)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a corrupt cache file to `<name>.corrupt-<UTC time>`: kept for a look, out of every later run's way."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    try:
+        path.rename(aside)
+    except OSError as e:
+        raise VitlabError(f"{path} is corrupt and cannot be moved aside ({e.strerror or e}); delete it") from None
+    return aside
+
+
+def _read_user_archive(spec: CifarSpec, archive: Path, split: str, md5: str) -> list[tuple[str, bytes, str]]:
+    """An archive in a folder the user named: read as is; when unreadable, say it is corrupt and leave it there."""
+    try:
+        return _read_archive(spec, archive, split)
+    except VitlabError as e:
+        if (got := md5sum(archive)) == md5:
+            raise
+        raise VitlabError(f"{e}; {archive} is corrupt (MD5 {got}, expected {md5}) and, being in a folder you named, "
+                          "was left in place: replace it with a good copy or delete it") from None
 
 
 def _layout_names(spec: CifarSpec, split: str, layout: str) -> list[str]:

@@ -36,6 +36,7 @@ def load_image_folder(
     *,
     size: int = 32,
     cache_dir: str | Path | None = None,
+    allow_empty_classes: bool = False,
 ) -> ImageDataset:
     """Images under `root/<class>/` (or `root/<split>/<class>/`) as RGB uint8 (N, 3, size, size).
 
@@ -43,9 +44,10 @@ def load_image_folder(
     Class names are the sorted sub-folder names; with split folders they come from `train/`, so train and
     test agree on label numbers. `split=None` reads `root` itself; "train" falls back to `root` when there are
     no split folders. Unreadable files are skipped with one warning. The result is cached in `cache_dir`
-    (default `~/.cache/vitlab/folders`).
+    (default `~/.cache/vitlab/folders`). A training class folder with no images is an error (a warning naming
+    it with `allow_empty_classes`): it would silently become a class no image teaches.
     """
-    top, files, labels, classes = list_image_folder(root, split)
+    top, files, labels, classes = list_image_folder(root, split, allow_empty_classes=allow_empty_classes)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "folders"
     cache_file = cache / f"{top.name}-{_fingerprint(top, files, labels, size)}.safetensors"
     try:
@@ -61,7 +63,9 @@ def load_image_folder(
     return dataset
 
 
-def list_image_folder(root: str | Path, split: str | None = None) -> tuple[Path, list[Path], list[int], list[str]]:
+def list_image_folder(
+    root: str | Path, split: str | None = None, *, allow_empty_classes: bool = False,
+) -> tuple[Path, list[Path], list[int], list[str]]:
     """(folder holding the class folders, image paths, labels, class names) of `split`; nothing is decoded."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -69,7 +73,20 @@ def list_image_folder(root: str | Path, split: str | None = None) -> tuple[Path,
     top = _split_dir(root, split)
     classes = _class_names(root / "train" if top != root and (root / "train").is_dir() else top)
     files, labels = _list_images(top, classes)
+    if top == root / "train" or top == root:  # the classes come from this folder: an empty one is no class
+        _check_empty_classes(top, classes, labels, allow=allow_empty_classes)
     return top, files, labels, classes
+
+
+def _check_empty_classes(top: Path, classes: list[str], labels: list[int], *, allow: bool) -> None:
+    empty = [name for i, name in enumerate(classes) if i not in set(labels)]
+    if not empty:
+        return
+    what = f"{len(empty)} class folder(s) with no images under {top}: {', '.join(str(top / n) for n in empty)}"
+    if not allow:
+        raise VitlabError(f"{what}; add images, remove the folder(s), or pass --allow-empty-classes to keep "
+                          "them as classes")
+    warnings.warn(f"{what}; kept as classes (--allow-empty-classes)", stacklevel=3)
 
 
 def _split_dir(root: Path, split: str | None) -> Path:

@@ -21,6 +21,7 @@ def load_dataset(
     download: bool | None = None,
     image_size: int = 32,
     cache_dir: str | Path | None = None,
+    allow_empty_classes: bool = False,
 ) -> ImageDataset:
     """Load `split` of dataset `name` ("cifar10", "cifar100" or "folder") from `root`.
 
@@ -34,5 +35,6 @@ def load_dataset(
     if key == "cifar100":
         return load_cifar100(root, split, download=download)
     if key in ("folder", "imagefolder"):
-        return load_image_folder(resolve_data_dir(root, "folder"), split, size=image_size, cache_dir=cache_dir)
+        return load_image_folder(resolve_data_dir(root, "folder"), split, size=image_size, cache_dir=cache_dir,
+                                 allow_empty_classes=allow_empty_classes)
     raise VitlabError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")

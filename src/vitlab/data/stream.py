@@ -83,9 +83,9 @@ class FolderListing:
     classes: list[str]
 
 
-def scan_folder(root: str | Path, split: str | None = "train") -> FolderListing:
+def scan_folder(root: str | Path, split: str | None = "train", *, allow_empty_classes: bool = False) -> FolderListing:
     """List `split` of an image folder without decoding anything (same rules as `load_image_folder`)."""
-    return FolderListing(*list_image_folder(root, split))
+    return FolderListing(*list_image_folder(root, split, allow_empty_classes=allow_empty_classes))
 
 
 # ---- decoding -----------------------------------------------------------------------------------------------
@@ -239,12 +239,12 @@ class StreamLoader:
                  train: bool | None = None, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  workers: int = 2, decoder: str = "pil", scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), pin_memory: bool = False,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, allow_empty_classes: bool = False) -> None:
         if image_size < 1 or batch_size < 1 or workers < 0:
             raise VitlabError("image_size and batch_size must be >= 1 and workers >= 0")
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise VitlabError(f"crop scale {scale} must lie in (0, 1] and ratio {ratio} be positive, low <= high")
-        self.listing = scan_folder(root, split)
+        self.listing = scan_folder(root, split, allow_empty_classes=allow_empty_classes)
         self.train = split == "train" if train is None else train
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size

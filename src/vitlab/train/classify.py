@@ -74,7 +74,8 @@ class ClassifyTask(Task):
         """`teacher`: the CNN teacher's run dir (default `config.teacher`; a "stage" teacher's is given here)."""
         super().__init__(config, device=device)
         self.splits = stream_splits(config, data) if config.data_mode == "stream" else \
-            load_splits(config, data, download=download, image_size=folder_image_size(config))
+            load_splits(config, data, download=download, image_size=folder_image_size(config),
+                        allow_empty_classes=config.allow_empty_classes)
         tr = self.splits.train
         self.images = tr.images.to(device)  # (N, 3, H, W) uint8, the whole training set
         self.labels = tr.labels.to(device)

@@ -8,7 +8,9 @@
 `fcntl.flock` is released by the kernel when its holder dies, however it dies, so a stale lock needs no
 guessing from pids or ages: the next process simply gets it, and finds the dead holder's details still in
 the file (a clean release empties it). The file itself is never deleted: deleting a lock file lets two
-processes lock two different files. flock works between processes on one machine and on most network
+processes lock two different files. A forked child (a DataLoader worker) closes its inherited copy of the
+descriptor at once, so the lock belongs to the trainer alone: a killed trainer's orphaned workers never keep it.
+flock works between processes on one machine and on most network
 file systems' local clients; it does not exclude a process on another host writing the same NFS share.
 """
 
@@ -20,11 +22,14 @@ import json
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from vitlab.errors import VitlabError
 from vitlab.rundir import LOCK_NAME
+
+_HELD: weakref.WeakSet[RunLock] = weakref.WeakSet()  # this process's held locks, dropped by forked children
 
 
 @dataclass
@@ -78,12 +83,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dataclasses.asdict(me)).encode() + b"\n", 0)
         self._fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         try:
             os.ftruncate(fd, 0)  # empty: the next holder sees a clean hand-over, not a stale lock
         finally:
@@ -98,6 +105,21 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _drop_in_child() -> None:
+    """After fork, in the child: close (not release, not empty) the inherited descriptors; the parent keeps them."""
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 def _read(fd: int) -> str:

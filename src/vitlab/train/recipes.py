@@ -162,6 +162,8 @@ class TrainConfig(RunConfig):
     image_size: int = field(default=0, metadata={
         "help": "image folders: side the images are resized / cropped to; 0: 32"})
     workers: int = field(default=2, metadata={"help": "--data-mode stream: decoding processes per training process"})
+    allow_empty_classes: bool = field(default=False, metadata={
+        "help": "image folders: keep a train/ class folder with no images as a class (warned) instead of refusing"})
     memory_share: float = field(default=0.5, metadata={
         "help": "--data-mode auto: stream when the decoded folder would need more than this share of the "
                 "available memory"})

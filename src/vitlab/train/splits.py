@@ -66,7 +66,7 @@ def subset(ds: ImageDataset, index: torch.Tensor) -> ImageDataset:
 
 
 def load_splits(config: RunConfig, data: str | Path | None = None, *, download: bool | None = None,
-                image_size: int = 0) -> Splits:
+                image_size: int = 0, allow_empty_classes: bool = False) -> Splits:
     """Load train and test of `config.dataset`, hold out `val_split` of train, apply the subsets.
 
     The validation images are a seeded random draw (seed = config.seed), the same on every resume.
@@ -74,7 +74,8 @@ def load_splits(config: RunConfig, data: str | Path | None = None, *, download: 
     `image_size`: the side image folders are decoded to (0: FOLDER_SIZE). `stream_splits` leaves a folder on disk.
     """
     root = resolve_data_dir(data, config.dataset)
-    kw = {"download": download} if config.dataset.startswith("cifar") else {"image_size": image_size or FOLDER_SIZE}
+    kw = {"download": download} if config.dataset.startswith("cifar") else {
+        "image_size": image_size or FOLDER_SIZE, "allow_empty_classes": allow_empty_classes}
     train = load_dataset(config.dataset, root, "train", **kw)
     test = load_dataset(config.dataset, root, "test", **kw)
     val = None
@@ -140,7 +141,7 @@ def stream_splits(config: TrainConfig, data: str | Path | None) -> Splits:
     if config.augment.alternate_flip:
         raise VitlabError("alternate flips follow each image through the epochs: they need --data-mode memory")
     root, size = resolve_data_dir(data, "folder"), folder_image_size(config)
-    train, test = scan_folder(root, "train"), scan_folder(root, "test")
+    train, test = scan_folder(root, "train", allow_empty_classes=config.allow_empty_classes), scan_folder(root, "test")
     mean, std = sample_stats(train.files, size, seed=config.seed)  # the same seeded sample on every rank
     return Splits(StreamedSplit(root, "train", len(train.files), train.classes, size),
                   None, StreamedSplit(root, "test", len(test.files), train.classes, size),

@@ -45,7 +45,8 @@ def resolve_data_mode(config: TrainConfig, data: str | Path | None) -> str:
     if mode == "auto":
         def count() -> int:
             root = resolve_data_dir(data, "folder")
-            return sum(len(scan_folder(root, split).files) for split in ("train", "test"))
+            allow = config.allow_empty_classes
+            return sum(len(scan_folder(root, s, allow_empty_classes=allow).files) for s in ("train", "test"))
         mode = agreed(choose_data_mode(mode, num_images=count(), image_size=folder_image_size(config),
                                        memory_share=config.memory_share) if is_main() else None)
     return mode
@@ -74,7 +75,8 @@ class StreamTask(ClassifyTask):
     def loader(self, split: StreamedSplit, *, batch_size: int, train: bool) -> StreamLoader:
         return StreamLoader(split.root, split.split, image_size=split.image_size, batch_size=batch_size,
                             train=train, seed=self.config.seed, workers=self.config.workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            allow_empty_classes=self.config.allow_empty_classes)
 
     def streamed(self, images: torch.Tensor, labels: torch.Tensor, step: int, *, size: int | None = None) -> Batch:
         """ClassifyTask's batch of a streamed (uint8 images, labels) batch: it stands in for the in-memory set."""
