@@ -11,6 +11,10 @@ recipe asks for it, with test-time augmentation. `--ablation BASE` runs BASE and
 issue 12 switched on alone over it, all at the same `--minutes` budget, and tabulates the deltas.
 Writes benchmarks/results/*.json and rows in benchmarks/RESULTS.md. Run it on a quiet machine: a
 shared CPU can halve the throughput.
+
+Each result records the machine's bf16 matmul peak, measured just before the run (`--peak N` reuses a known
+value), its reference minutes (wall minutes x peak / 821 GFLOP/s, the machine behind RESULTS.md) and the MFU
+of its training steps against that peak.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from pathlib import Path
 
 import torch
 from results_md import RESULTS_MD, append_rows, table_row
+
+from vitlab.bench import matmul_peak, reference_minutes, run_mfu
+from vitlab.model import ViTConfig
+from vitlab.train.resize import ResizeSchedule
 
 THRESHOLDS = (0.64, 0.70, 0.80, 0.85, 0.90)
 HERE = Path(__file__).resolve().parent
@@ -77,8 +85,15 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None) -> dict:
-    """`vitlab train --recipe RECIPE FLAGS` in a new process; the numbers of its run dir."""
+def bf16_peak(known: float | None) -> float:
+    """This machine's bf16 matmul peak in GFLOP/s, measured now (its speed drifts) unless `known` is given."""
+    return known if known else matmul_peak(torch.bfloat16)
+
+
+def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None, peak: float | None = None) -> dict:
+    """`vitlab train --recipe RECIPE FLAGS` in a new process; the numbers of its run dir, with the machine's
+    bf16 peak (measured just before, unless `peak` is given), reference minutes and MFU."""
+    peak_gflops = bf16_peak(peak)
     cmd = [sys.executable, "-m", "vitlab", "train", "--recipe", recipe, "--out", str(run_dir), "--no-progress",
            *(["--data", data] if data else []), *flags]
     t0 = time.perf_counter()
@@ -89,9 +104,15 @@ def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None) -> di
     final = rows[-1]
     teacher = run_dir / "teacher" / "metrics.jsonl"
     teacher_rows = read_rows(teacher) if teacher.is_file() else []
+    to = {f"{round(t * 100)}%": minutes_to(rows, t) for t in THRESHOLDS}
     return {
         "recipe": recipe, "flags": flags, "command": " ".join(["vitlab", *cmd[3:]]),
-        "minutes_to": {f"{round(t * 100)}%": minutes_to(rows, t) for t in THRESHOLDS},
+        "minutes_to": to,
+        "peak_gflops": round(peak_gflops, 1), "peak_measured": not peak,
+        "reference_minutes": round(reference_minutes(final["elapsed_s"] / 60, peak_gflops), 2),
+        "reference_minutes_to": {k: None if v is None else round(reference_minutes(v, peak_gflops), 2)
+                                 for k, v in to.items()},
+        "mfu": round(mfu_of(record, rows, peak_gflops), 4),
         "final_test_top1": final["test_top1"], "final_test_top1_tta": final.get("test_top1_tta"),
         "final_test_top5": final["test_top5"], "best_test_top1": max(r["test_top1"] for r in rows),
         "epochs": final["epoch"], "steps": final["step"], "wall_minutes": round(wall / 60, 2),
@@ -106,14 +127,25 @@ def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None) -> di
     }
 
 
+def mfu_of(record: dict, rows: list[dict], peak_gflops: float) -> float:
+    """The run's training-step MFU against `peak_gflops`, each step counted at its input size."""
+    cfg, config = ViTConfig.from_dict(record["model"]["config"]), record["config"]
+    sizes = (ResizeSchedule.parse(config["resize_schedule"], full=cfg.image_size)
+             if config.get("resize_schedule") else None)
+    total = rows[-1]["step"]
+    return run_mfu(cfg, rows, batch_size=record["plan"]["global_batch_size"], peak_gflops=peak_gflops,
+                   size_at=(lambda step: sizes.size_at(step, total)) if sizes else None)
+
+
 def describe(res: dict) -> str:
     reached = ", ".join(f"{k} {v:.1f} min" if v is not None else f"{k} -" for k, v in res["minutes_to"].items())
     tta = f" ({res['final_test_top1_tta']:.2%} with TTA)" if res["final_test_top1_tta"] is not None else ""
     teacher = (f"; teacher {res['teacher_minutes']:.1f} min at {res['teacher_test_top1']:.2%}, counted"
                if res["teacher_minutes"] is not None else "")
     return (f"final top-1 {res['final_test_top1']:.2%}{tta} at {res['run_minutes']:.2f} min "
-            f"(process {res['wall_minutes']:.2f} min), {res['epochs']} epochs, {res['train_images_per_sec']:.0f} "
-            f"img/s{teacher}; time to {reached}")
+            f"(process {res['wall_minutes']:.2f} min; {res['reference_minutes']:.2f} reference min at a bf16 peak of "
+            f"{res['peak_gflops']:.0f} GFLOP/s), {res['epochs']} epochs, {res['train_images_per_sec']:.0f} "
+            f"img/s, MFU {res['mfu']:.1%}{teacher}; time to {reached}")
 
 
 def main() -> None:
@@ -130,7 +162,11 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--results", type=Path, default=RESULTS_MD)
+    ap.add_argument("--peak", type=float, metavar="GFLOPS",
+                    help="this machine's bf16 matmul peak (vitlab bench --peak), instead of measuring it per run")
     args = ap.parse_args()
+    if args.peak is not None and args.peak <= 0:
+        ap.error("--peak must be a positive GFLOP/s figure (vitlab bench --peak measures it)")
     extra = [part for item in args.set for part in ("--" + item.partition("=")[0], item.partition("=")[2])]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +196,7 @@ def main() -> None:
         append_rows(rows, args.results)
         return
     for recipe in args.recipes:
-        res = run(recipe, extra, run_dir=args.runs_dir / f"{recipe}-{stamp}", data=args.data)
+        res = run(recipe, extra, run_dir=args.runs_dir / f"{recipe}-{stamp}", data=args.data, peak=args.peak)
         res.update(env, benchmark="cifar10_time_to_accuracy", date=stamp)
         out = args.out_dir / f"cifar10_time_to_accuracy-{recipe}-{stamp}.json"
         out.write_text(json.dumps(res, indent=2) + "\n")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitlab.model import VisionTransformer
+from vitlab.model import VisionTransformer, ViTConfig, flops_per_image
 from vitlab.speed import TrainStep, inference_forward
 
 REFERENCE_PEAK_GFLOPS = 821.0  # bf16 matmul peak of the machine behind benchmarks/RESULTS.md (AMD EPYC, 2 threads)
@@ -55,6 +55,21 @@ def reference_minutes(wall_minutes: float, peak_gflops: float, ref: float = REFE
     if peak_gflops <= 0:
         raise ValueError(f"peak must be positive, got {peak_gflops}")
     return wall_minutes * peak_gflops / ref
+
+
+def run_mfu(cfg: ViTConfig, rows: list[dict], *, batch_size: int, peak_gflops: float,
+            size_at: Callable[[int], int] | None = None) -> float:
+    """MFU of a run's training steps from its metrics rows (`step`, `images_per_sec` per epoch): the model FLOPs
+    of every step at its input size (`size_at(step)`, progressive resizing) over the seconds the steps took."""
+    flops, seconds, before = 0.0, 0.0, 0
+    for r in rows:
+        steps = r["step"] - before
+        if steps > 0 and r.get("images_per_sec"):
+            seconds += steps * batch_size / r["images_per_sec"]
+            flops += sum(flops_per_image(cfg, image_size=size_at(s) if size_at else None, training=True)
+                         for s in range(before, r["step"])) * batch_size
+        before = r["step"]
+    return flops / seconds / (peak_gflops * 1e9) if seconds else 0.0
 
 
 def _timed(fn: Callable[[], object]) -> float:
