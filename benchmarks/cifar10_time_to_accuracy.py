@@ -9,6 +9,9 @@ distillation teacher's training all included). A threshold's time is the end of 
 test top-1 reaches it (metrics.jsonl `elapsed_s`); the final top-1 is reported without and, where the
 recipe asks for it, with test-time augmentation. `--ablation BASE` runs BASE and then each lever of
 issue 12 switched on alone over it, all at the same `--minutes` budget, and tabulates the deltas.
+`RECIPE --peers --minutes M` runs the recipe, then timm's VisionTransformer of the same width and depth and a
+32 px ResNet-18 in the plain PyTorch loop of benchmarks/peers.py, each for M minutes in its own process, back to
+back on this machine, and reports vitlab's lead over the timm ViT in points.
 Writes benchmarks/results/*.json and rows in benchmarks/RESULTS.md. Run it on a quiet machine: a
 shared CPU can halve the throughput.
 
@@ -137,6 +140,82 @@ def mfu_of(record: dict, rows: list[dict], peak_gflops: float) -> float:
                    size_at=(lambda step: sizes.size_at(step, total)) if sizes else None)
 
 
+def run_peer(peer: str, *, minutes: float, model: ViTConfig, out: Path, data: str | None, peak: float | None,
+             lr: float | None = None, flags: tuple[str, ...] = ()) -> dict:
+    """benchmarks/peers.py PEER [FLAGS] in a new process, for `minutes` from its start; its entry, with the
+    machine's bf16 peak (measured just before, unless `peak` is given) and reference minutes."""
+    peak_gflops = bf16_peak(peak)
+    cmd = [sys.executable, str(HERE / "peers.py"), peer, "--minutes", f"{minutes:g}", "--out", str(out),
+           *(["--data", data] if data else []), *(["--lr", f"{lr:g}"] if lr else []), *flags]
+    if peer == "timm-vit":
+        cmd += ["--width", str(model.width), "--depth", str(model.depth), "--heads", str(model.heads),
+                "--mlp-dim", str(model.mlp_dim)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    entry = json.loads(out.read_text())
+    return {"peer": peer, **entry, "peak_gflops": round(peak_gflops, 1),
+            "reference_minutes": round(reference_minutes(entry["minutes"], peak_gflops), 2),
+            "command": " ".join(["python", "benchmarks/peers.py", *cmd[2:]])}
+
+
+def vitlab_entry(recipe: str, res: dict) -> dict:
+    """A vitlab run's numbers as a peers entry (top1 without TTA, as the peers have none; top1_tta beside)."""
+    return {"peer": "vitlab", "name": f"vitlab {recipe}", "top1": res["final_test_top1"],
+            "top1_tta": res["final_test_top1_tta"], "steps": res["steps"],
+            "epochs": res["steps"] / res["plan"]["steps_per_epoch"], "img_per_s": res["train_images_per_sec"],
+            "peak_gflops": res["peak_gflops"], "minutes": res["run_minutes"],
+            "reference_minutes": res["reference_minutes"], "mfu": res["mfu"], "precision": res["plan"]["precision"],
+            "command": res["command"]}
+
+
+def lead_points(runs: list[dict], over: str = "timm-vit") -> float | None:
+    """vitlab's test top-1 minus the `over` peer's, in points (None when either is missing)."""
+    top1 = {r["peer"]: r["top1"] for r in runs}
+    return round(100 * (top1["vitlab"] - top1[over]), 2) if "vitlab" in top1 and over in top1 else None
+
+
+def peers_table(runs: list[dict]) -> str:
+    lines = [f"{'run':<28} {'top-1':>7} {'steps':>6} {'epochs':>6} {'img/s':>6} {'min':>6} {'ref min':>7} "
+             f"{'peak GF/s':>9}"]
+    for r in runs:
+        lines.append(f"{r['name']:<28} {r['top1']:7.2%} {r['steps']:6d} {r['epochs']:6.2f} {r['img_per_s']:6.0f} "
+                     f"{r['minutes']:6.2f} {r['reference_minutes']:7.2f} {r['peak_gflops']:9.0f}")
+    lead = lead_points(runs)
+    if lead is not None:
+        lines.append(f"vitlab's lead over the timm ViT: {lead:+.2f} points")
+    if (cnn := lead_points(runs, over="resnet18")) is not None:
+        lines.append(f"vitlab's lead over ResNet-18: {cnn:+.2f} points")
+    return "\n".join(lines)
+
+
+def run_peers(recipe: str, args, extra: list[str], env: dict, stamp: str) -> Path:
+    """The recipe, the timm ViT and the ResNet-18, each for args.minutes, back to back; the results file."""
+    from vitlab.model import parse_variant
+    from vitlab.train import resolve_recipe
+
+    rc = resolve_recipe(recipe)
+    model = parse_variant(rc.model, **rc.model_args)
+    res = run(recipe, ["--time-budget", f"{args.minutes:g}", *extra], run_dir=args.runs_dir / f"peers-{recipe}-{stamp}",
+              data=args.data, peak=args.peak)
+    runs = [vitlab_entry(recipe, res)]
+    print(json.dumps({recipe: describe(res)}), flush=True)
+    for peer in ("timm-vit", "resnet18"):
+        out = args.runs_dir / f"peers-{peer}-{stamp}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        runs.append(run_peer(peer, minutes=args.minutes, model=model, out=out, data=args.data, peak=args.peak,
+                             lr=args.peer_lr))
+        print(json.dumps(runs[-1]), flush=True)
+    return write_peers(runs, recipe=recipe, minutes=args.minutes, env=env, stamp=stamp, out_dir=args.out_dir)
+
+
+def write_peers(runs: list[dict], *, recipe: str, minutes: float, env: dict, stamp: str, out_dir: Path) -> Path:
+    out = out_dir / f"cifar10_peers-{recipe}-{minutes:g}min-{stamp}.json"
+    out.write_text(json.dumps({"benchmark": "cifar10_peers", "recipe": recipe, "minutes": minutes, **env,
+                               "date": stamp, "lead_over_timm_vit_points": lead_points(runs),
+                               "lead_over_resnet18_points": lead_points(runs, over="resnet18"), "runs": runs},
+                              indent=2) + "\n")
+    return out
+
+
 def describe(res: dict) -> str:
     reached = ", ".join(f"{k} {v:.1f} min" if v is not None else f"{k} -" for k, v in res["minutes_to"].items())
     tta = f" ({res['final_test_top1_tta']:.2%} with TTA)" if res["final_test_top1_tta"] is not None else ""
@@ -155,7 +234,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
                     help="an extra vitlab train flag for every run, e.g. --set time-budget=3")
     ap.add_argument("--ablation", metavar="BASE", help="BASE and each lever alone over it, at --minutes each")
-    ap.add_argument("--minutes", type=float, default=5.0, help="the ablation's time budget (default 5)")
+    ap.add_argument("--minutes", type=float, default=5.0,
+                    help="the ablation's and --peers' time budget per run (default 5)")
+    ap.add_argument("--peers", action="store_true",
+                    help="RECIPE, timm's ViT of its width and depth and a 32 px ResNet-18, --minutes each")
+    ap.add_argument("--peer-lr", type=float, help="--peers: the peers' AdamW learning rate (default 1e-3)")
     ap.add_argument("--only", action="append", default=[], help="ablation: only these levers (repeatable)")
     ap.add_argument("--tag", default="", help="a label for the runs and rows")
     ap.add_argument("--data", help="CIFAR-10 directory (default: $VITLAB_DATA, else the cache)")
@@ -171,6 +254,21 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit()}
+    if args.peers:
+        if len(args.recipes) != 1:
+            ap.error("--peers compares one recipe with the peers: name it, e.g. `sprint --peers --minutes 3`")
+        out = run_peers(args.recipes[0], args, extra, env, stamp)
+        runs = json.loads(out.read_text())["runs"]
+        print(peers_table(runs))
+        lead = lead_points(runs)
+        append_rows([table_row([f"cifar10_peers {args.minutes:g} min{' ' + args.tag if args.tag else ''}",
+                                time.strftime("%Y-%m-%d"), "; ".join(f"{r['name']}: `{r['command']}`" for r in runs),
+                                "; ".join(f"{r['name']} {r['top1']:.2%} ({r['steps']} steps, {r['epochs']:.2f} epochs, "
+                                          f"{r['minutes']:.2f} min = {r['reference_minutes']:.2f} reference min)"
+                                          for r in runs) + (f"; vitlab leads the timm ViT by {lead:+.2f} points"
+                                                            if lead is not None else ""),
+                                f"results/{out.name}"])], args.results)
+        return
     if args.ablation:
         base_flags = ["--time-budget", f"{args.minutes:g}", *extra]
         cases = {"(base)": []} | {k: v for k, v in LEVERS.items() if not args.only or k in args.only}
