@@ -159,7 +159,7 @@ def train_peer(name: str, build: Callable[[], nn.Module], *, minutes: float, dat
     train_s = clock() - t_train
     top1 = evaluate(model, test, precision)
     return {"name": name, "top1": top1, "steps": step, "planned_steps": total, "epochs": step / steps_per_epoch,
-            "img_per_s": step * batch_size / max(train_s, 1e-9), "minutes": (clock() - t0) / 60,
+            "img_per_s": round(step * batch_size / max(train_s, 1e-9), 1), "minutes": round((clock() - t0) / 60, 3),
             "budget_minutes": minutes, "precision": precision, "probe_step_s": probe, "batch_size": batch_size,
             "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
             "params": sum(p.numel() for p in model.parameters())}
