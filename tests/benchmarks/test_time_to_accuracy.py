@@ -1,0 +1,32 @@
+"""The time-to-accuracy results' MFU: every step's model FLOPs at its input size over the steps' time."""
+
+import cifar10_time_to_accuracy as tta
+import pytest
+import torch
+
+from vitlab.bench import run_mfu
+from vitlab.model import flops_per_image, parse_variant
+
+
+def test_run_mfu_counts_each_step_at_its_size_over_the_epochs_time():
+    cfg = parse_variant("tutorial")
+    rows = [{"step": 4, "images_per_sec": 100.0}, {"step": 8, "images_per_sec": 50.0}]
+    small, full = (flops_per_image(cfg, image_size=s, training=True) for s in (16, 32))
+    assert small < full / 3  # a quarter of the tokens: the 16 px steps must not count as full ones
+    seconds = 4 * 16 / 100 + 4 * 16 / 50
+    expected = 16 * (4 * small + 4 * full) / seconds / 200e9
+    record = {"model": {"config": cfg.to_dict()}, "config": {"resize_schedule": "16:0.5"},
+              "plan": {"global_batch_size": 16}}
+    assert tta.mfu_of(record, rows, 200.0) == pytest.approx(expected, rel=1e-12)
+    # without progressive resizing every step is a full one; an epoch without steps adds nothing
+    record["config"]["resize_schedule"] = ""
+    rows.append({"step": 8, "images_per_sec": None})
+    assert run_mfu(cfg, rows, batch_size=16, peak_gflops=200.0) == pytest.approx(16 * 8 * full / seconds / 200e9)
+    assert tta.mfu_of(record, rows, 200.0) == pytest.approx(16 * 8 * full / seconds / 200e9)
+
+
+def test_the_peak_is_measured_in_bf16_unless_given(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tta, "matmul_peak", lambda dtype: calls.append(dtype) or 123.0)
+    assert tta.bf16_peak(385.0) == 385.0 and calls == []  # --peak: reused, not measured
+    assert tta.bf16_peak(None) == 123.0 and calls == [torch.bfloat16]
