@@ -310,14 +310,19 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
 STREAM_TINY = [a for i, a in enumerate(TINY) if "subset" not in a and "subset" not in TINY[i - 1]]  # folder splits
 
 
-def test_a_killed_streamed_run_resumes_at_once(tmp_path, monkeypatch):
+def two_class_folder(root, n_train: int, n_test: int = 4) -> None:
+    """root/{train,test}/{ant,bee}/*.png of random 32 px images."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 4)):
+    for split, n in (("train", n_train), ("test", n_test)):
         for name in ("ant", "bee"):
-            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            (root / split / name).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    tmp_path / "imgs" / split / name / f"{i}.png")
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_a_killed_streamed_run_resumes_at_once(tmp_path, monkeypatch):
+    two_class_folder(tmp_path / "imgs", 16)
     run = tmp_path / "run"
     args = ["train", "--dataset", "folder", "--data", str(tmp_path / "imgs"), "--out", str(run), *STREAM_TINY,
             "--data-mode", "stream", "--workers", "2"]
@@ -336,13 +341,7 @@ def test_a_killed_streamed_run_resumes_at_once(tmp_path, monkeypatch):
 
 
 def test_an_empty_class_folder_is_refused_or_warned_never_silent(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for name in ("ant", "bee"):
-            (tmp_path / "imgs" / split / name).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    tmp_path / "imgs" / split / name / f"{i}.png")
+    two_class_folder(tmp_path / "imgs", 8)
     (tmp_path / "imgs" / "train" / "emptyclass").mkdir()
     monkeypatch.setitem(ENV, "XDG_CACHE_HOME", str(tmp_path / "cache"))
     args = ["train", "--dataset", "folder", "--data", str(tmp_path / "imgs"), *STREAM_TINY, "--epochs", "1"]

@@ -98,12 +98,18 @@ def test_vitlab_data_pointing_at_nothing_is_an_error(server, tmp_path, monkeypat
     assert requests == []
 
 
-def test_offline_is_one_line_naming_vitlab_data_and_the_files(server, monkeypatch):
-    _, _, cache = server
-    with socket.socket() as s:  # a port nothing listens on: connection refused, as with no network
+def offline(monkeypatch) -> int:
+    """Point the download at a port nothing listens on: connection refused, as with no network."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setattr(cifar, "URL", f"http://127.0.0.1:{port}/mirror/")
+    return port
+
+
+def test_offline_is_one_line_naming_vitlab_data_and_the_files(server, monkeypatch):
+    _, _, cache = server
+    port = offline(monkeypatch)
     with pytest.raises(VitlabError) as err:
         load_cifar10()
     msg = str(err.value)
@@ -159,10 +165,7 @@ def test_a_corrupt_cached_archive_offline_is_one_line_naming_it(server, monkeypa
     _, _, cache = server
     cache.mkdir(parents=True)
     (cache / ARCHIVE).write_bytes(b"junk")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(cifar, "URL", f"http://127.0.0.1:{port}/mirror/")
+    offline(monkeypatch)
     with pytest.raises(VitlabError) as err:
         load_cifar10()
     msg = str(err.value)
