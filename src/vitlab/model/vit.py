@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
-from vitlab.model.config import ViTConfig, parse_variant
+from vitlab.model.config import ViTConfig
 from vitlab.model.flops import check_model_size
-from vitlab.model.hub import PretrainedMixin, seeded
+from vitlab.model.hub import PretrainedMixin
 from vitlab.model.posemb import resample_grid, sincos_2d
 
 
@@ -435,11 +435,3 @@ class VisionTransformer(PretrainedMixin, nn.Module):
     def summary(self) -> str:
         """One line naming the model: the line `train`, `info`, `explain` and `convert` print."""
         return self.cfg.summary(self.num_params())
-
-
-def create_model(variant: str | ViTConfig = "tutorial", *, seed: int | None = None, **overrides
-                 ) -> VisionTransformer:
-    """`create_model("Ti/4", image_size=32, num_classes=10)`; `seed` makes the init reproducible."""
-    cfg = variant if isinstance(variant, ViTConfig) else parse_variant(variant, **overrides)
-    with seeded(seed):
-        return VisionTransformer(cfg)
