@@ -161,6 +161,20 @@ def test_muon_takes_the_swin_blocks_matrices_with_layer_decay():
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
 
 
+# ---- determinism ---------------------------------------------------------------------------------------------
+def test_same_seed_same_swin_and_grad_checkpointing_changes_nothing(tmp_path, data):
+    """With dropout, attention dropout and drop path on: one seed, one set of weights, also when the stages
+    recompute their blocks in backward (the dropout draws replayed); another seed, other weights."""
+    kw = dict(model="swin-test", model_args={"drop_rate": 0.1, "attn_drop_rate": 0.1}, drop_path=0.1,
+              train_subset=32, test_subset=16, batch_size=16, epochs=1, precision="fp32")
+    runs = {name: load_state_dict(train(resolve_recipe("tutorial", **kw, **extra), out=tmp_path / name, data=data,
+                                        progress=False, log=quiet).run_dir / "model.safetensors")
+            for name, extra in {"a": {}, "b": {}, "ckpt": {"grad_checkpointing": True}, "seed1": {"seed": 1}}.items()}
+    for other in ("b", "ckpt"):
+        assert all(torch.equal(runs["a"][k], runs[other][k]) for k in runs["a"]), other
+    assert not torch.equal(runs["a"]["head.fc.weight"], runs["seed1"]["head.fc.weight"])
+
+
 # ---- distillation ------------------------------------------------------------------------------------------
 def test_a_swin_distils_through_its_single_head(tmp_path, data):
     """A soft teacher term of weight 0 leaves the very run it adds to; hard distillation changes it."""
