@@ -190,7 +190,7 @@ def test_a_swin_distils_through_its_single_head(tmp_path, data):
         runs[name] = load_state_dict(res.run_dir / "model.safetensors"), res.steps[0]["loss"]
     plain, soft0, hard = runs["plain"], runs["soft0"], runs["hard"]
     assert soft0[1] == plain[1] and all(torch.equal(soft0[0][k], plain[0][k]) for k in plain[0])
-    assert hard[1] != plain[1] and not torch.equal(hard[0]["head.fc.weight"], plain[0]["head.fc.weight"])
+    assert not torch.equal(hard[0]["head.fc.weight"], plain[0]["head.fc.weight"])
 
 
 # ---- torchrun ------------------------------------------------------------------------------------------------
