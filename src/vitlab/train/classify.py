@@ -44,8 +44,8 @@ def check_options(cfg, config: TrainConfig) -> None:
     if isinstance(cfg, ViTConfig) or not config.resize_schedule:
         return
     raise VitlabError(f"--resize-schedule {config.resize_schedule!r}: {cfg.name or type(cfg).__name__} trains at "
-                      f"one image size (its attention windows are laid out for the {cfg.image_size} px grid); "
-                      f"drop it (--resize-schedule '') or use a recipe without it, e.g. --recipe swin-sprint")
+                      f"one image size (its attention windows and masks are laid out for one grid); drop it "
+                      f"(--resize-schedule '') or use a recipe without it, e.g. --recipe swin-sprint")
 
 
 def cnn_widths(model: str) -> tuple[int, int, int]:
