@@ -130,12 +130,14 @@ def test_finetune_recipe_and_linear_probe_on_a_swin_run(swin_run, tmp_path, data
 
 # ---- optimizer groups ------------------------------------------------------------------------------------
 def test_swin_layer_decay_groups_equal_timms():
+    from timm.models.swin_transformer import SwinTransformer as TimmSwin
     from timm.optim import param_groups_layer_decay
 
-    from vitlab.bench import timm_twin
-
     ours = create_model("swin-test", depths=(2, 3), num_heads=(1, 2), num_classes=10, seed=0)
-    twin = timm_twin(ours)
+    c = ours.cfg
+    twin = TimmSwin(img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depths=c.depths,
+                    num_heads=c.num_heads, window_size=c.window_size, num_classes=c.num_classes)
+    twin.load_state_dict(ours.state_dict())  # the same parameter names (the Swin contract)
     theirs = param_groups_layer_decay(twin, weight_decay=0.05, no_weight_decay_list=ours.no_weight_decay(),
                                       layer_decay=0.65)
     names = {id(p): n for n, p in twin.named_parameters()}
