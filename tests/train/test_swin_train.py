@@ -163,6 +163,18 @@ def test_muon_takes_the_swin_blocks_matrices_with_layer_decay():
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
 
 
+def test_bench_times_a_swin_against_its_timm_twin():
+    """`vitlab bench --model swin-*` and the benchmarks time the same network in timm: same outputs."""
+    from vitlab.bench import timm_twin
+
+    ours = create_model("swin-test", depths=(2, 2), num_classes=10, seed=0).eval()
+    twin = timm_twin(ours).eval()
+    assert type(twin).__name__ == "SwinTransformer"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), ours(x), rtol=0, atol=1e-5)
+
+
 # ---- determinism ---------------------------------------------------------------------------------------------
 def test_same_seed_same_swin_and_grad_checkpointing_changes_nothing(tmp_path, data):
     """With dropout, attention dropout and drop path on: one seed, one set of weights, also when the stages
