@@ -11,7 +11,9 @@ recipe asks for it, with test-time augmentation. `--ablation BASE` runs BASE and
 issue 12 switched on alone over it, all at the same `--minutes` budget, and tabulates the deltas.
 `RECIPE --peers --minutes M` runs the recipe, then timm's VisionTransformer of the same width and depth and a
 32 px ResNet-18 in the plain PyTorch loop of benchmarks/peers.py, each for M minutes in its own process, back to
-back on this machine, and reports vitlab's lead over the timm ViT in points.
+back on this machine, and reports vitlab's lead over the timm ViT in points (ViT recipes only).
+Swin against the conv-stem and the patchify ViT at equal wall clock (issue 22): `swin-sprint sprint sprint-pure`
+(all 3-minute budgets) and `swin-fast fast fast-pure --set time-budget=15`.
 Writes benchmarks/results/*.json and rows in benchmarks/RESULTS.md. Run it on a quiet machine: a
 shared CPU can halve the throughput.
 
@@ -35,7 +37,7 @@ import torch
 from results_md import RESULTS_MD, append_rows, table_row
 
 from vitlab.bench import matmul_peak, reference_minutes, run_mfu
-from vitlab.model import ViTConfig
+from vitlab.model import VisionTransformer, ViTConfig, model_class, model_config
 from vitlab.train.resize import ResizeSchedule
 
 THRESHOLDS = (0.64, 0.70, 0.80, 0.85, 0.90)
@@ -124,15 +126,31 @@ def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None, peak:
         "teacher_minutes": round(teacher_rows[-1]["elapsed_s"] / 60, 2) if teacher_rows else None,
         "teacher_test_top1": teacher_rows[-1]["test_top1"] if teacher_rows else None,
         "params": record["model"]["params"], "model_config": record["model"]["config"],
+        "model_type": record["model"].get("model_type", VisionTransformer.model_type),
         "config": record["config"], "plan": record["plan"], "device": record["device"],
         "per_epoch": [{k: r.get(k) for k in ("epoch", "elapsed_s", "test_top1")} for r in rows],
         "run_dir": str(run_dir),
     }
 
 
+def recorded_config(record: dict):
+    """The run's model config from train_config.json, of the class its model_type names (a ViT's before
+    model_type was recorded)."""
+    model = record["model"]
+    return model_class(model.get("model_type", VisionTransformer.model_type)).config_class.from_dict(model["config"])
+
+
+def model_kind(res: dict) -> str:
+    """The family of another registered model ("vitlab_swin" -> "Swin"), or the ViT's stem: "conv stem" / "patchify"."""
+    model_type = res.get("model_type", VisionTransformer.model_type)
+    if model_type != VisionTransformer.model_type:
+        return model_type.removeprefix("vitlab_").capitalize()
+    return "conv stem" if res["model_config"].get("stem") == "conv" else "patchify"
+
+
 def mfu_of(record: dict, rows: list[dict], peak_gflops: float) -> float:
     """The run's training-step MFU against `peak_gflops`, each step counted at its input size."""
-    cfg, config = ViTConfig.from_dict(record["model"]["config"]), record["config"]
+    cfg, config = recorded_config(record), record["config"]
     sizes = (ResizeSchedule.parse(config["resize_schedule"], full=cfg.image_size)
              if config.get("resize_schedule") else None)
     total = rows[-1]["step"]
@@ -189,11 +207,13 @@ def peers_table(runs: list[dict]) -> str:
 
 def run_peers(recipe: str, args, extra: list[str], env: dict, stamp: str) -> Path:
     """The recipe, the timm ViT and the ResNet-18, each for args.minutes, back to back; the results file."""
-    from vitlab.model import parse_variant
     from vitlab.train import resolve_recipe
 
     rc = resolve_recipe(recipe)
-    model = parse_variant(rc.model, **rc.model_args)
+    model = model_config(rc.model, **rc.model_args)
+    if not isinstance(model, ViTConfig):
+        raise SystemExit(f"--peers pits a ViT recipe against timm's ViT of the same width and depth; {recipe} "
+                         f"trains {rc.model}, which has no such twin")
     res = run(recipe, ["--time-budget", f"{args.minutes:g}", *extra], run_dir=args.runs_dir / f"peers-{recipe}-{stamp}",
               data=args.data, peak=args.peak)
     runs = [vitlab_entry(recipe, res)]
@@ -300,7 +320,7 @@ def main() -> None:
         out.write_text(json.dumps(res, indent=2) + "\n")
         c = res["model_config"]
         setting = (f"`{res['command']}`{' ' + args.tag if args.tag else ''}: {c['name']} "
-                   f"({'conv stem' if c.get('stem') == 'conv' else 'patchify'}) {res['params'] / 1e6:.2f}M params, "
+                   f"({model_kind(res)}) {res['params'] / 1e6:.2f}M params, "
                    f"{res['plan']['precision']}, {env['threads']} threads ({env['cpu']})")
         append_rows([table_row(["cifar10_time_to_accuracy", time.strftime("%Y-%m-%d"), setting, describe(res),
                                 f"results/{out.name}"])], args.results)

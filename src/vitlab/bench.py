@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitlab.model import VisionTransformer, ViTConfig, flops_per_image
+from vitlab.model import flops_per_image
 from vitlab.speed import TrainStep, inference_forward
 
 REFERENCE_PEAK_GFLOPS = 821.0  # bf16 matmul peak of the machine behind benchmarks/RESULTS.md (AMD EPYC, 2 threads)
@@ -57,10 +57,11 @@ def reference_minutes(wall_minutes: float, peak_gflops: float, ref: float = REFE
     return wall_minutes * peak_gflops / ref
 
 
-def run_mfu(cfg: ViTConfig, rows: list[dict], *, batch_size: int, peak_gflops: float,
+def run_mfu(cfg, rows: list[dict], *, batch_size: int, peak_gflops: float,
             size_at: Callable[[int], int] | None = None) -> float:
     """MFU of a run's training steps from its metrics rows (`step`, `images_per_sec` per epoch): the model FLOPs
-    of every step at its input size (`size_at(step)`, progressive resizing) over the seconds the steps took."""
+    (`flops_per_image` of `cfg`, any registered family's config) of every step at its input size
+    (`size_at(step)`, progressive resizing) over the seconds the steps took."""
     flops, seconds, before = 0.0, 0.0, 0
     for r in rows:
         steps = r["step"] - before
@@ -95,8 +96,9 @@ class Timing:
         return max(self.images_per_sec)
 
 
-def timm_twin(model: VisionTransformer) -> nn.Module:
-    """timm's VisionTransformer (or distilled DeiT) with the same config and the same weights as `model`."""
+def timm_twin(model: nn.Module) -> nn.Module:
+    """timm's model of `model`'s family (VisionTransformer, distilled DeiT, SwinTransformer) with the same config
+    and the same weights (vitlab.convert.timm)."""
     from vitlab.convert.timm import timm_class, timm_kwargs, to_timm
 
     kw = timm_kwargs(model.cfg)

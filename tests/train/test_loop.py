@@ -1,5 +1,6 @@
 """End-to-end training on real CIFAR-10 subsets: it learns, it is deterministic, it resumes bit-exactly, and
-under a time budget (driven by an injected clock, never real time) it ends in the last 5% of the budget."""
+under a time budget (driven by an injected clock, never real time) it ends in the last 5% of the budget; resume
+and budget for the Swin too."""
 
 import json
 
@@ -19,6 +20,8 @@ TINY = dict(model_args={"width": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "dro
             ema=0.9, policy="trivial", mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, val_split=0.004,
             train_subset=256, test_subset=200, batch_size=64, epochs=3, warmup_epochs=1, precision="fp32",
             eval_batch_size=500)
+# The same with the Swin test variant: its head and attention dropout on (the rest of TINY's randomness too).
+SWIN = dict(model="swin-test", model_args={"drop_rate": 0.1, "attn_drop_rate": 0.1})
 
 
 
@@ -75,10 +78,12 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("where, precision", [("mid-epoch", "fp32"), ("checkpoint-write", "fp32"),
-                                               ("mid-epoch", "bf16-pure")])
-def test_resume_is_bit_exact(tmp_path, cifar_dir, monkeypatch, where, precision):
-    full = tiny_run(tmp_path / "full", cifar_dir, precision=precision)
+@pytest.mark.parametrize("where, precision, model", [("mid-epoch", "fp32", {}), ("checkpoint-write", "fp32", {}),
+                                                      ("mid-epoch", "bf16-pure", {}), ("mid-epoch", "fp32", SWIN),
+                                                      ("checkpoint-write", "bf16-pure", SWIN)],
+                         ids=["vit-mid-epoch", "vit-checkpoint-write", "vit-bf16", "swin-mid-epoch", "swin-bf16"])
+def test_resume_is_bit_exact(tmp_path, cifar_dir, monkeypatch, where, precision, model):
+    full = tiny_run(tmp_path / "full", cifar_dir, precision=precision, **model)
     assert "val_top1" in full.final and full.final["train_acc"] is None  # mixing: no train accuracy
 
     if where == "mid-epoch":  # killed a few steps into epoch 2
@@ -98,7 +103,7 @@ def test_resume_is_bit_exact(tmp_path, cifar_dir, monkeypatch, where, precision)
             return real_save(run_dir, tensors=tensors, state=state)
         monkeypatch.setattr(runstate, "save_checkpoint", save)
     with pytest.raises(Interrupted):
-        tiny_run(tmp_path / "cut", cifar_dir, precision=precision)
+        tiny_run(tmp_path / "cut", cifar_dir, precision=precision, **model)
     monkeypatch.undo()
     resumed = resume(tmp_path / "cut", progress=False, log=lambda s: None)
 
@@ -166,9 +171,11 @@ class FakeClock:
         return self.t
 
 
-def budget_run(tmp_path, cifar_dir, monkeypatch, *, minutes, step_cost, eval_cost, save_cost=0.3, startup=6.0):
+def budget_run(tmp_path, cifar_dir, monkeypatch, *, minutes, step_cost, eval_cost, save_cost=0.3, startup=6.0,
+               model=None):
     """A real tiny run whose clock only moves by simulated costs: start-up, each step, evaluation, save.
-    Returns (result, end of the process on that clock, train_config.json)."""
+    `model`: model / model_args instead of the 16-wide ViT. Returns (result, end of the process on that clock,
+    train_config.json)."""
     clock = FakeClock()
     real_step, real_eval, real_save = Trainer.train_step, ClassifyTask.evaluate, Trainer.save
 
@@ -188,9 +195,9 @@ def budget_run(tmp_path, cifar_dir, monkeypatch, *, minutes, step_cost, eval_cos
     monkeypatch.setattr(ClassifyTask, "evaluate", evaluate)
     monkeypatch.setattr(Trainer, "save", save)
     monkeypatch.setattr(callbacks, "figures", lambda: None)  # no figures: real drawing time would only slow the test
-    cfg = resolve_recipe("tutorial", model_args={"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}, train_subset=2048,
-                         test_subset=200, batch_size=32, eval_batch_size=50, epochs=1000, precision="fp32",
-                         time_budget=minutes)
+    cfg = resolve_recipe("tutorial", **(model or dict(model_args={"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32})),
+                         train_subset=2048, test_subset=200, batch_size=32, eval_batch_size=50, epochs=1000,
+                         precision="fp32", time_budget=minutes)
     clock.t += startup
     task = ClassifyTask(cfg, device=torch.device("cpu"), data=cifar_dir)
     res = Trainer(task, tmp_path / "b", record={}, progress=False, log=lambda s: None, clock=clock,
@@ -198,9 +205,10 @@ def budget_run(tmp_path, cifar_dir, monkeypatch, *, minutes, step_cost, eval_cos
     return res, clock.t + TEARDOWN_S, json.loads((tmp_path / "b" / "train_config.json").read_text())
 
 
-def test_time_budget_ends_in_the_last_5_percent(tmp_path, cifar_dir, monkeypatch):
+@pytest.mark.parametrize("model", [None, {"model": "swin-test"}], ids=["vit", "swin"])
+def test_time_budget_ends_in_the_last_5_percent(tmp_path, cifar_dir, monkeypatch, model):
     res, end, record = budget_run(tmp_path, cifar_dir, monkeypatch, minutes=2, step_cost=lambda t: 0.4,
-                                  eval_cost=lambda t: 2.0)
+                                  eval_cost=lambda t: 2.0, model=model)
     assert 0.95 * 120 <= end <= 120
     assert record["plan"]["step_s"] == pytest.approx(0.4) and record["plan"]["epoch_end_s"] > 2.0
     _, state = load_checkpoint(tmp_path / "b")

@@ -1,5 +1,5 @@
-"""Every named recipe builds and trains: its own model, augmentation, precision and (cpu-hour) time budget,
-a few steps on a tiny synthetic train subset. Accuracy targets live in benchmarks/, not here."""
+"""Every named recipe builds and trains: its own model, augmentation, precision and (cpu-hour, sprint, swin-*) time
+budget, a few steps on a tiny synthetic train subset. Accuracy targets live in benchmarks/, not here."""
 
 import dataclasses
 import json
@@ -10,11 +10,12 @@ import torch
 
 import vitlab.train.budget as budget
 from vitlab.cli import main
-from vitlab.model import VisionTransformer, parse_variant
+from vitlab.model import SwinTransformer, VisionTransformer, load_pretrained, parse_variant
 from vitlab.train import RECIPES, build_model, resolve_recipe, train
 from vitlab.train.recipes import recipe_for_budget
 
 TIME_RECIPES = ["sprint", "sprint-pure", "fast", "fast-pure", "cpu-hour", "cpu-hour-pure"]
+SWIN_RECIPES = ["swin-sprint", "swin-fast"]
 
 
 @pytest.mark.parametrize("name", TIME_RECIPES)
@@ -56,10 +57,40 @@ def test_recipes_name_their_models_and_the_old_seed_name_still_works():
         assert resolve_recipe("seed", epochs=2) == resolve_recipe("tutorial", epochs=2)
 
 
+@pytest.mark.parametrize("name", SWIN_RECIPES)
+def test_swin_recipe_builds_and_steps_within_its_budget(name, tmp_path, tiny_cifar):
+    recipe = RECIPES[name]
+    cfg = resolve_recipe(name, train_subset=32, test_subset=16, max_steps=2)
+    result = train(cfg, out=tmp_path / "run", data=tiny_cifar(tmp_path / "data"), progress=False,
+                   log=lambda m: None, recipe=name)
+    assert result.final["step"] == 2 and all(math.isfinite(r["train_loss"]) for r in result.metrics)
+    model = load_pretrained(tmp_path / "run")
+    assert isinstance(model, SwinTransformer) and model.cfg.name == "swin-cifar" == recipe.model
+    record = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert record["config"]["time_budget"] == recipe.time_budget > 0 and record["plan"]["total_steps"] == 2
+    assert record["plan"]["step_s"] > 0 and record["plan"]["epoch_end_s"] > 0  # planned from timed probes
+    assert record["config"]["optimizer"] == "muon" and "test_top1_tta" in result.final
+
+
+def test_swin_recipes_change_only_the_model_of_their_vit_siblings():
+    """The side-by-side runs differ in the model (and what the model cannot take: resizing), not the recipe."""
+    sprint, fast = RECIPES["swin-sprint"], RECIPES["swin-fast"]
+    assert dataclasses.replace(sprint, model="conv128", resize_schedule="16:0.5") == RECIPES["sprint"]
+    assert dataclasses.replace(fast, model="conv128", time_budget=0.0) == RECIPES["fast"]  # fast: a fixed length
+    assert (sprint.time_budget, fast.time_budget) == (3, 15)
+
+
 @pytest.mark.parametrize(("minutes", "recipe"), [(None, "fast"), (0, "fast"), (3, "sprint"), (5, "sprint"),
                                                  (15, "fast"), (30, "fast"), (60, "cpu-hour")])
 def test_a_time_budget_alone_picks_the_recipe_made_for_it(minutes, recipe):
     assert recipe_for_budget(minutes) == recipe
+
+
+@pytest.mark.parametrize(("minutes", "model", "recipe"), [
+    (None, "swin-cifar", "fast"), (3, "swin-cifar", "swin-sprint"), (5, "swin-test", "swin-sprint"),
+    (15, "swin-cifar", "swin-fast"), (60, "swin-cifar", "swin-fast"), (3, "conv128", "sprint")])
+def test_a_time_budget_with_a_swin_model_picks_the_swin_recipe(minutes, model, recipe):
+    assert recipe_for_budget(minutes, model) == recipe
 
 
 def test_cli_time_budget_without_recipe_runs_the_sprint(tmp_path, tiny_cifar, monkeypatch):
@@ -70,3 +101,14 @@ def test_cli_time_budget_without_recipe_runs_the_sprint(tmp_path, tiny_cifar, mo
     assert main(argv) == 0
     record = json.loads((out / "train_config.json").read_text())
     assert record["recipe"] == "sprint" and record["config"]["model"] == "conv128"
+
+
+def test_cli_time_budget_with_a_swin_model_runs_the_swin_sprint(tmp_path, tiny_cifar, monkeypatch):
+    monkeypatch.setattr(budget, "process_age_s", lambda: 0.0)
+    out = tmp_path / "run"
+    argv = ["train", "--time-budget", "3", "--model", "swin-test", "--max-steps", "2", "--train-subset", "32",
+            "--test-subset", "16", "--data", str(tiny_cifar(tmp_path / "data")), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["recipe"] == "swin-sprint" and record["config"]["model"] == "swin-test"
+    assert record["model"]["model_type"] == "vitlab_swin" and record["plan"]["step_s"] > 0

@@ -2,17 +2,19 @@
 
 Recipes (one table in vitlab/train/recipes.py): tutorial (the blog post's model, ~64%), sprint (3 min), fast
 (default, ~15 min on a 2-core CPU), cpu-hour (60 min); sprint-pure, fast-pure, cpu-hour-pure the same for the
-patchify ViT (no conv stem); teacher (the CNN to distil from); finetune (with --init). Every field of the
-recipe's TrainConfig is a flag (below) that overrides it: --epochs 5 --lr 1e-3 --model Ti/4 ...
+patchify ViT (no conv stem); swin-sprint (3 min), swin-fast (15 min) for the Swin Transformer (swin-cifar);
+teacher (the CNN to distil from); finetune (with --init). Every field of the recipe's TrainConfig is a flag
+(below) that overrides it: --epochs 5 --lr 1e-3 --model Ti/4 ...
 --time-budget MINUTES fits the number of steps and the schedule to the wall clock instead of --epochs: the
 command ends within that many minutes of its start, evaluation and saving included. Without --recipe it
-runs the recipe made for that length (sprint up to 5 minutes, fast up to 30, cpu-hour beyond).
+runs the recipe made for that length (sprint up to 5 minutes, fast up to 30, cpu-hour beyond; with --model
+swin-*: swin-sprint up to 5, swin-fast beyond).
 --resume RUN_DIR continues an interrupted run exactly where its last checkpoint left it.
 Exit codes: 0 done; 2 bad input, a full disk, a run dir in use by another process, or a run that diverged
 (NaN/Inf loss: its last good checkpoint is kept; see --on-nonfinite); 130 Ctrl-C; 143 SIGTERM. After 130,
 143 or a full disk, --resume RUN_DIR continues the run.
 
-The run dir gets config.json + model.safetensors (load with VisionTransformer.from_pretrained(RUN_DIR)),
+The run dir gets config.json + model.safetensors (load with vitlab.model.load_pretrained(RUN_DIR)),
 preprocessor_config.json, train_config.json, metrics.jsonl / metrics.csv, steps.jsonl, curves.png and
 checkpoint/. Data: --data DIR, else $VITLAB_DATA, else ~/.cache/vitlab/<dataset>.
 """
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     overrides = given(args, TrainConfig)
     if args.recipe is None and args.resume is None:
-        args.recipe = recipe_for_budget(overrides.get("time_budget"))
+        args.recipe = recipe_for_budget(overrides.get("time_budget"), overrides.get("model"))
     check_init(args, overrides)
     if args.resume is not None:
         refuse_overrides_on_resume(args, overrides)

@@ -1,5 +1,6 @@
-"""The ViT classification task (`vitlab train`): in-memory images, batched on-device augmentation, soft-target
-cross-entropy, top-1/top-5 on test (and val), and a run dir `VisionTransformer.from_pretrained` loads."""
+"""The classification task (`vitlab train`) of any registered model family (ViT, Swin: vitlab.model.registry) or
+the CNN teacher: in-memory images, batched on-device augmentation, soft-target cross-entropy, top-1/top-5 on test
+(and val), and a run dir `vitlab.model.load_pretrained` loads."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vitlab.data import BatchAugment
 from vitlab.distill import TeacherConfig, TeacherNet, distillation_loss
 from vitlab.errors import VitlabError
-from vitlab.model import VisionTransformer, create_model, parse_variant
+from vitlab.model import ViTConfig, create_model, model_config
 from vitlab.model.hub import seeded
 from vitlab.rundir import write_preprocessor_config
 from vitlab.speed import inference_forward, soft_cross_entropy
@@ -29,11 +31,21 @@ def is_cnn(model: str) -> bool:
 
 
 def check_model(config: TrainConfig) -> None:
-    """Fail on a bad model name or model_args before any data is loaded."""
+    """Fail on a bad model name or model_args, or an option the model cannot train with, before any data is
+    loaded (a fine-tuning run's model is the --init source's: `build_model` checks it)."""
     if is_cnn(config.model):
         TeacherConfig(widths=cnn_widths(config.model), **config.model_args)
-    else:
-        parse_variant(config.model, **config.model_args)
+    elif not config.init:
+        check_options(model_config(config.model, **config.model_args), config)
+
+
+def check_options(cfg, config: TrainConfig) -> None:
+    """Options only a ViT supports fail in one line for another family (Swin), naming the option."""
+    if isinstance(cfg, ViTConfig) or not config.resize_schedule:
+        return
+    raise VitlabError(f"--resize-schedule {config.resize_schedule!r}: {cfg.name or type(cfg).__name__} trains at "
+                      f"one image size (its attention windows and masks are laid out for one grid); drop it "
+                      f"(--resize-schedule '') or use a recipe without it, e.g. --recipe swin-sprint")
 
 
 def cnn_widths(model: str) -> tuple[int, int, int]:
@@ -47,17 +59,19 @@ def cnn_widths(model: str) -> tuple[int, int, int]:
     return widths
 
 
-def build_model(config: TrainConfig, *, image_size: int, num_classes: int) -> VisionTransformer | TeacherNet:
-    """The config's model at the data's image size and class count, initialised from `config.seed`.
+def build_model(config: TrainConfig, *, image_size: int, num_classes: int) -> nn.Module:
+    """The config's model (any registered variant: "conv128", "swin-cifar", ...) at the data's image size and
+    class count, initialised from `config.seed`.
 
-    `model="cnn"` (or "cnn-32-64-128" for the widths) is the CNN teacher of vitlab.distill instead of a ViT.
+    `model="cnn"` (or "cnn-32-64-128" for the widths) is the CNN teacher of vitlab.distill instead.
     """
     if is_cnn(config.model):
         with seeded(config.seed):
             return TeacherNet(TeacherConfig(widths=cnn_widths(config.model), num_classes=num_classes,
                                             name=config.model, **config.model_args))
-    cfg = parse_variant(config.model, **{"image_size": image_size, "num_classes": num_classes,
-                                         "drop_path": config.drop_path, **config.model_args})
+    cfg = model_config(config.model, **{"image_size": image_size, "num_classes": num_classes,
+                                        "drop_path": config.drop_path, **config.model_args})
+    check_options(cfg, config)
     return create_model(cfg, seed=config.seed)
 
 
@@ -109,21 +123,23 @@ class ClassifyTask(Task):
     def eval_size(self) -> int:
         return len(self.splits.test) + (len(self.splits.val) if self.splits.val is not None else 0)
 
-    def build_model(self) -> VisionTransformer | TeacherNet:
+    def build_model(self) -> nn.Module:
         if self.config.init:  # fine-tuning: the source's architecture and weights (vitlab.train.finetune)
             model, self.provenance = init_model(self.config, image_size=self.splits.train.image_size,
                                                 num_classes=self.num_classes)
+            check_options(model.cfg, self.config)
         else:
             model = build_model(self.config, image_size=self.splits.train.image_size, num_classes=self.num_classes)
         if isinstance(model, TeacherNet):  # its fixed first layer whitens this data's 2x2 patches
             model.init_whitening(self.augment.eval_transform(self.images[:5000].cpu()))
             return model
         model.set_grad_checkpointing(self.config.grad_checkpointing)
-        if self.teacher is not None:
-            model.set_distilled_training(True)  # with a distillation token: both heads reach the loss
+        if self.teacher is not None and hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)  # with a distillation token: both heads reach the loss; a model
+            # without one (a Swin) distils through its single head (vitlab.distill.distillation_loss)
         return model
 
-    def describe(self, model: VisionTransformer | TeacherNet) -> str:
+    def describe(self, model: nn.Module) -> str:
         return model.summary()
 
     def set_schedule(self, *, total_steps: int, steps_per_epoch: int) -> None:
@@ -193,14 +209,16 @@ class ClassifyTask(Task):
             out.update(res.metrics(f"{name}_"))
         return out
 
-    def save(self, model: VisionTransformer | TeacherNet, run_dir: Path) -> None:
+    def save(self, model: nn.Module, run_dir: Path) -> None:
         model.save_pretrained(run_dir, class_names=self.splits.classes)
 
     def write_run_files(self, run_dir: Path) -> None:
         write_preprocessor_config(run_dir, image_size=self.splits.train.image_size, mean=self.splits.mean,
                                   std=self.splits.std)
 
-    def record(self, model: VisionTransformer) -> dict:
+    def record(self, model: nn.Module) -> dict:
+        """`model.model_type` says which class `model.config` belongs to (vitlab.model.registry.model_class)."""
         return {"data": self.splits.info(self.config.dataset),
-                "model": {"variant": self.config.model, "params": model.num_params(), "config": model.cfg.to_dict()},
+                "model": {"variant": self.config.model, "model_type": model.model_type, "params": model.num_params(),
+                          "config": model.cfg.to_dict()},
                 **({"init": self.provenance} if self.provenance else {})}

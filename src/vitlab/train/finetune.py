@@ -10,6 +10,10 @@ the class count matches, else replaced by a zero-initialised one (big_vision's h
 logits are uniform, so the first steps do not wreck the features); learned patch positions are resampled
 bicubically to the new grid (timm's resample_abs_pos_embed, so the backbone computes what timm computes on
 the source at that size).
+
+A vitlab model dir of another registered family (a Swin run dir) fine-tunes the same way: new classes replace
+its head; a new image size is taken only where every stage keeps its attention window, since then no weight
+depends on the size (its relative-position tables have the window's shape).
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.model import VisionTransformer
+from vitlab.model import VisionTransformer, create_model, load_pretrained, registry
 from vitlab.model.hub import seeded
 from vitlab.model.posemb import resample_grid
 from vitlab.rundir import sha256_file
-from vitlab.weights import load_into
+from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, load_into, read_json
 
-# config fields a fine-tuning run may set besides image_size and num_classes; the rest is the source's
+# config fields a fine-tuning run may set besides image_size and num_classes, by family (model_type); the rest
+# is the source's
 TRAINING_FIELDS = ("dropout", "attn_dropout", "head_dropout", "drop_path")
-HEAD_PREFIXES = ("head.", "head_dist.")
+FAMILY_TRAINING_FIELDS = {VisionTransformer.model_type: TRAINING_FIELDS,
+                          "vitlab_swin": ("drop_rate", "attn_drop_rate", "drop_path")}
+# what a linear probe zeroes: the backbone's dropouts and drop path (not the head's dropout)
+BACKBONE_DROPOUTS = {VisionTransformer.model_type: ("dropout", "attn_dropout", "drop_path"),
+                     "vitlab_swin": ("attn_drop_rate", "drop_path")}
+HEAD_PREFIXES = ("head.", "head_dist.")  # a Swin's classifier is head.fc
 
 
 def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionTransformer, dict]:
@@ -70,24 +80,44 @@ def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionT
     return model.float().eval(), provenance
 
 
+def load_family_source(src: str | Path, *, variant: str | None = None) -> tuple[nn.Module, dict]:
+    """`load_source`, and a vitlab model dir of the registry's other families (a Swin run dir) by its model_type."""
+    path = Path(src).expanduser()
+    config = path / CONFIG_NAME
+    model_type = read_json(config).get("model_type") if config.is_file() else None
+    if model_type not in registry.MODEL_CLASSES or model_type == VisionTransformer.model_type:
+        return load_source(src, variant=variant)
+    if variant is not None:
+        raise VitlabError(f"{path}: its config.json describes the model (model_type {model_type!r}); drop --variant")
+    provenance = {"source": str(path.resolve()), "kind": "vitlab",
+                  "files": {WEIGHTS_NAME: sha256_file(path / WEIGHTS_NAME)}, "variant": None}
+    return load_pretrained(path).float().eval(), provenance
+
+
 def init_from(src: str | Path, *, image_size: int, num_classes: int, variant: str | None = None,
-              seed: int | None = 0, **overrides) -> tuple[VisionTransformer, dict]:
+              seed: int | None = 0, linear_probe: bool = False, **overrides) -> tuple[nn.Module, dict]:
     """(model with SRC's weights for `num_classes` classes at `image_size`, provenance for the run dir).
 
-    `overrides`: training-only fields (dropout, attn_dropout, head_dropout, drop_path); the architecture is
-    the source's. `seed` seeds what is newly initialised (nothing but the head's zeros today, kept for
-    determinism if that changes). Provenance records the source, its kind, the sha256 of each weights file,
-    the source's size and classes, and which tensors were replaced, resampled or dropped.
+    `overrides`: training-only fields (a ViT's dropout, attn_dropout, head_dropout, drop_path; a Swin's
+    drop_rate, attn_drop_rate, drop_path); the architecture is the source's. `linear_probe`: the backbone's
+    dropouts and drop path are 0, so its features stay the source's. `seed` seeds what is newly initialised
+    (nothing but the head's zeros today, kept for determinism if that changes). Provenance records the source,
+    its kind, the sha256 of each weights file, the source's size and classes, and which tensors were replaced,
+    resampled or dropped.
     """
-    source, provenance = load_source(src, variant=variant)
-    bad = sorted(set(overrides) - set(TRAINING_FIELDS))
+    source, provenance = load_family_source(src, variant=variant)
+    fields = FAMILY_TRAINING_FIELDS[source.model_type]
+    bad = sorted(set(overrides) - set(fields))
     if bad:
-        raise VitlabError(f"fine-tuning keeps the source's architecture; only {', '.join(TRAINING_FIELDS)} can be "
+        raise VitlabError(f"fine-tuning keeps the source's architecture; only {', '.join(fields)} can be "
                           f"changed, not {', '.join(bad)}")
+    if linear_probe:
+        overrides.update(dict.fromkeys(BACKBONE_DROPOUTS[source.model_type], 0.0))
     old = source.cfg
     cfg = dataclasses.replace(old, image_size=image_size, num_classes=num_classes, **overrides)  # validates
+    check_windows(old, cfg, src)
     with seeded(seed):
-        model = VisionTransformer(cfg)
+        model = create_model(cfg)
     state, target = source.state_dict(), model.state_dict()
     keep_head = num_classes == old.num_classes
     out, replaced, resampled = {}, [], {}
@@ -110,6 +140,18 @@ def init_from(src: str | Path, *, image_size: int, num_classes: int, variant: st
     return model, provenance
 
 
+def check_windows(old, new, src: str | Path) -> None:
+    """A Swin at another image size keeps its weights only if every stage keeps its window (the relative-position
+    tables are (2 * window - 1)^2 rows); one line naming the sizes that do otherwise."""
+    if getattr(old, "stage_windows", None) is None or old.image_size == new.image_size:
+        return
+    windows, now = [w for w, _ in old.stage_windows], [w for w, _ in new.stage_windows]
+    if now != windows:
+        raise VitlabError(f"--init {src}: this Swin learned its per-stage attention windows {windows} at "
+                          f"{old.image_size} px; at {new.image_size} px they would be {now}: fine-tune it at "
+                          f"{old.image_size} px, or at a size that keeps those windows")
+
+
 def freeze_backbone(model: nn.Module) -> list[str]:
     """Linear probe: only the classifier (head, and DeiT's head_dist) keeps requires_grad; returns its names.
 
@@ -126,17 +168,16 @@ def freeze_backbone(model: nn.Module) -> list[str]:
     return trainable
 
 
-def init_model(config, *, image_size: int, num_classes: int) -> tuple[VisionTransformer, dict]:
+def init_model(config, *, image_size: int, num_classes: int) -> tuple[nn.Module, dict]:
     """The model a fine-tuning run (`config.init`, a TrainConfig) starts from, and its provenance.
 
     drop_path and `model_args` (training fields only) apply to it; with `freeze_backbone` (a linear probe) only
     the classifier trains and the backbone's dropout and drop path are 0, so its features stay the source's.
     """
     overrides = {"drop_path": config.drop_path, **config.model_args}
-    if config.freeze_backbone:
-        overrides.update(drop_path=0.0, dropout=0.0, attn_dropout=0.0)
     model, provenance = init_from(config.init, image_size=image_size, num_classes=num_classes,
-                                  variant=config.variant or None, seed=config.seed, **overrides)
+                                  variant=config.variant or None, seed=config.seed,
+                                  linear_probe=config.freeze_backbone, **overrides)
     if config.freeze_backbone:
         provenance["trainable"] = freeze_backbone(model)
     return model, provenance

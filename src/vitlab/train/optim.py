@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,16 +26,17 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
     `layer_decay` (fine-tuning, BEiT / timm's `param_groups_layer_decay`): one pair of groups per layer, each
     with an "lr_scale" of layer_decay ** (depth + 1 - layer), where the embeddings are layer 0, block i is
     layer i + 1 (the final norm goes with the last block) and pooling and head are layer depth + 1 (scale 1).
+    A Swin's blocks count over all stages, a stage's patch merging going with its first block (`layers_of`).
     `WarmupCosine.apply` multiplies each group's learning rate by its lr_scale.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    depth = _depth(model) if layer_decay is not None else 0
+    depth, layer_of = layers_of(model) if layer_decay is not None else (0, lambda name: 0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decayed = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-        layer = layer_id(name, depth) if layer_decay is not None else 0
+        layer = layer_of(name)
         g = groups.setdefault((layer, decayed), {"params": [], "names": [],
                                                  "weight_decay": weight_decay if decayed else 0.0})
         if layer_decay is not None:
@@ -61,11 +63,30 @@ def layer_id(name: str, depth: int) -> int:
     return 0 if name.startswith(_STEM) else depth + 1
 
 
-def _depth(model: nn.Module) -> int:
+def swin_layer_id(name: str, depths: tuple[int, ...]) -> int:
+    """Layer of a Swin parameter, as timm's `group_matcher` for SwinTransformer numbers them: 0 the patch
+    embedding, then one per block over all stages (`layers.i.downsample` with block 0 of stage i), the final
+    norm with the last block, the head last (sum(depths) + 1)."""
+    depth = sum(depths)
+    parts = name.split(".")
+    if parts[0] == "layers":  # layers.{i}.downsample.* or layers.{i}.blocks.{j}.*
+        i = int(parts[1])
+        return sum(depths[:i]) + (0 if parts[2] == "downsample" else int(parts[3])) + 1
+    if parts[0] == "norm":
+        return depth
+    return 0 if parts[0] == "patch_embed" else depth + 1
+
+
+def layers_of(model: nn.Module) -> tuple[int, Callable[[str], int]]:
+    """(blocks, parameter name -> layer) for layer-wise lr decay: a ViT's `blocks`, or a Swin's stages."""
+    depths = getattr(getattr(model, "cfg", None), "depths", None)
+    if isinstance(getattr(model, "layers", None), nn.Sequential) and depths:  # a Swin: stages of blocks
+        return sum(depths), lambda name: swin_layer_id(name, tuple(depths))
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise VitlabError(f"layer-wise lr decay needs a ViT with `blocks`; {type(model).__name__} has none")
-    return len(blocks)
+        raise VitlabError(f"layer-wise lr decay (--layer-decay) needs a ViT's `blocks` or a Swin's stages; "
+                          f"{type(model).__name__} has neither")
+    return len(blocks), lambda name: layer_id(name, len(blocks))
 
 
 OPTIMIZERS = ("adamw", "muon")

@@ -1,5 +1,5 @@
-"""`RunConfig` (what every run of the shared loop reads), `TrainConfig` (+ the ViT), and the ONE table of
-named recipes.
+"""`RunConfig` (what every run of the shared loop reads), `TrainConfig` (+ the model: a ViT, a Swin or the CNN
+teacher), and the ONE table of named recipes.
 
 A recipe is a complete `TrainConfig`; the CLI (`--epochs --lr --model ...`) overrides single fields with
 `resolve_recipe(name, **overrides)`. The resolved config is saved as `train_config.json` in the run dir,
@@ -128,13 +128,15 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(RunConfig):
-    """A ViT classification run (`vitlab train`): the shared fields plus the model."""
+    """A classification run (`vitlab train`): the shared fields plus the model (ViT, Swin, CNN teacher)."""
 
     # ---- model: a variant from vitlab.model's table, optionally reshaped by model_args -----------------
     model: str = field(default="tutorial", metadata={
-        "help": "model variant, e.g. tutorial, cifar128, conv128, Ti/4, S/4; cnn or cnn-W1-W2-W3 for the CNN teacher"})
+        "help": "model variant, e.g. tutorial, cifar128, conv128, Ti/4, S/4, swin-cifar; cnn or cnn-W1-W2-W3 for "
+                "the CNN teacher"})
     model_args: dict = field(default_factory=dict, metadata={
-        "help": "ViTConfig override of the model, KEY=VALUE, e.g. width=96 (repeatable)"})
+        "help": "override of the model's config (ViTConfig, SwinConfig), KEY=VALUE, e.g. width=96 or "
+                "embed_dim=96 (repeatable)"})
     drop_path: float = field(default=0.0, metadata={"help": "stochastic depth of the last block (linear from 0)"})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute block activations in backward: less memory, ~30% slower"})
@@ -265,6 +267,20 @@ RECIPES: dict[str, TrainConfig] = {
         weight_decay=0.05, grad_clip=1.0, drop_path=0.05, augment=dataclasses.replace(_LIGHT, policy="trivial"),
         tta="flip-translate", time_budget=60,
     ),
+    # Swin (shifted windows, issue 22) in the 3- and 15-minute slots, for the side-by-side with sprint / fast in
+    # benchmarks/RESULTS.md. swin-cifar is the variant table's CIFAR Swin (32 px, patch 2, window 4). The
+    # optimisation is the conv-stem recipes' (Muon for the block matrices, lr 2e-3, warmup, light augmentation,
+    # flip TTA), not tuned for Swin: the comparison changes the model only. No progressive resizing: a Swin's
+    # window masks are laid out for one grid. Both are time budgets, since no Swin epoch count has been measured
+    # yet (`--time-budget 0 --epochs N` runs a fixed length; the epochs below are the siblings', used only then).
+    "swin-sprint": TrainConfig(
+        model="swin-cifar", optimizer="muon", epochs=3, batch_size=256, lr=2e-3, warmup_epochs=0.5,
+        weight_decay=0.05, grad_clip=1.0, augment=_LIGHT, tta="flip", time_budget=3,
+    ),
+    "swin-fast": TrainConfig(
+        model="swin-cifar", optimizer="muon", epochs=8, batch_size=256, lr=2e-3, warmup_epochs=1,
+        weight_decay=0.05, grad_clip=1.0, augment=_LIGHT, tta="flip-translate", time_budget=15,
+    ),
     # The CNN teacher for distillation (vitlab.distill.TeacherNet, airbench-style): trained like any run,
     # `vitlab train --recipe teacher`, or first inside a student's run with --teacher stage.
     "teacher": TrainConfig(
@@ -282,19 +298,22 @@ RECIPES: dict[str, TrainConfig] = {
 }
 NEEDS_INIT = ("finetune",)  # recipes that start from pretrained weights (--init)
 DEFAULT_RECIPE = "fast"
-# `--time-budget N` without --recipe: the recipe made for that length (N minutes <= the bound).
+# `--time-budget N` without --recipe: the recipe made for that length (N minutes <= the bound); a Swin model
+# (--model swin-*) the Swin recipe of that length.
 BUDGET_RECIPES = ((5, "sprint"), (30, "fast"), (float("inf"), "cpu-hour"))
+SWIN_BUDGET_RECIPES = ((5, "swin-sprint"), (float("inf"), "swin-fast"))
 DEPRECATED_RECIPES = {"seed": "tutorial"}  # old names that still work, with a warning
 
 # Flags that reshape the augmentation; the CLI passes them flat, they land in `augment`.
 AUGMENT_FIELDS = {f.name for f in dataclasses.fields(AugmentConfig)} - {"mean", "std"}
 
 
-def recipe_for_budget(minutes: float | None) -> str:
-    """The recipe `vitlab train --time-budget MINUTES` runs when no --recipe is given."""
+def recipe_for_budget(minutes: float | None, model: str | None = None) -> str:
+    """The recipe `vitlab train --time-budget MINUTES [--model MODEL]` runs when no --recipe is given."""
     if not minutes:
         return DEFAULT_RECIPE
-    return next(name for bound, name in BUDGET_RECIPES if minutes <= bound)
+    table = SWIN_BUDGET_RECIPES if (model or "").strip().startswith("swin-") else BUDGET_RECIPES
+    return next(name for bound, name in table if minutes <= bound)
 
 
 def resolve_recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
