@@ -1,6 +1,7 @@
 """`--to onnx`: the model as ONNX graphs (torch.onnx's dynamo exporter) with a dynamic batch dimension.
 
-ViT: `model.onnx`, pixel_values (B, C, S, S) -> logits (B, classes), or pooled features without a classifier.
+ViT and Swin: `model.onnx`, pixel_values (B, C, S, S) -> logits (B, classes), or pooled features without a
+classifier (Swin's cyclic shifts and window partitions trace to Slice / Concat / Reshape, batch left dynamic).
 CLIP / SigLIP: `image_encoder.onnx` (pixel_values -> unit image embeddings) and `text_encoder.onnx`
 (input_ids (B, context_length) -> unit text embeddings). The source's config.json and a transformers
 preprocessor_config.json go alongside, so class names and preprocessing travel with the graphs.
@@ -17,6 +18,7 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.export.processor import hf_image_processor_config
 from vitlab.export.source import ModelDir
+from vitlab.model.swin import SwinTransformer
 from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, atomic_write, read_json, write_json
 
@@ -43,9 +45,14 @@ class Graph:
     output_name: str
 
 
+def image_model(src: ModelDir) -> bool:
+    """An image classifier / feature extractor (ViT or Swin): one graph, a ViT image processor."""
+    return src.kind == "vit" or isinstance(src.model, SwinTransformer)
+
+
 def graphs(src: ModelDir) -> list[Graph]:
     g = torch.Generator().manual_seed(0)
-    if src.kind == "vit":
+    if image_model(src):
         c = src.model.cfg
         x = torch.randn(2, c.in_channels, c.image_size, c.image_size, generator=g)
         return [Graph("model.onnx", src.model, x, "pixel_values", "logits" if c.num_classes else "features")]
@@ -67,9 +74,10 @@ def export_onnx(src: ModelDir, out: Path) -> list[str]:
                                     input_names=[gr.input_name], output_names=[gr.output_name],
                                     dynamic_shapes=({0: batch},))
         atomic_write(out / gr.file, lambda tmp, p=program: p.save(tmp, external_data=False))
-    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess, src.kind))
+    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess,
+                                                                  "vit" if image_model(src) else src.kind))
     write_json(out / CONFIG_NAME, read_json(src.path / CONFIG_NAME))  # labels and the model's description
-    return [] if src.kind == "vit" else \
+    return [] if image_model(src) else \
         ["the encoders return unit embeddings; rank classes by their dot products (the logit scale is in "
          "the source's model.safetensors)"]
 
