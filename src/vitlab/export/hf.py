@@ -14,7 +14,6 @@ import torch
 
 from vitlab.export.processor import hf_image_processor_config
 from vitlab.export.source import ModelDir
-from vitlab.model.swin import SwinTransformer
 from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_state_dict, write_json
 
@@ -26,6 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_hf(src: ModelDir, out: Path) -> list[str]:
     """Write the transformers directory; returns notes for the user."""
     from vitlab import __version__
+    from vitlab.model.swin import SwinTransformer
 
     notes = []
     swin = isinstance(src.model, SwinTransformer)
@@ -62,6 +62,8 @@ def check_hf(src: ModelDir, out: Path) -> float | None:
         import transformers
     except ImportError:
         return None
+    from vitlab.model.swin import SwinTransformer
+
     swin = isinstance(src.model, SwinTransformer)
     image = src.kind == "vit" or swin  # one image model with one output
     if not image or (swin and not src.model.cfg.num_classes):  # CLIP / SigLIP, or a SwinModel

@@ -18,7 +18,6 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.export.processor import hf_image_processor_config
 from vitlab.export.source import ModelDir
-from vitlab.model.swin import SwinTransformer
 from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, atomic_write, read_json, write_json
 
@@ -47,6 +46,8 @@ class Graph:
 
 def image_model(src: ModelDir) -> bool:
     """An image classifier / feature extractor (ViT or Swin): one graph, a ViT image processor."""
+    from vitlab.model.swin import SwinTransformer
+
     return src.kind == "vit" or isinstance(src.model, SwinTransformer)
 
 
