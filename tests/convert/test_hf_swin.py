@@ -205,13 +205,13 @@ def test_convert_cli_hf_dir_to_vitlab_dir(cls_name, tmp_path, perturb, capsys):
 # ---- what does not convert, and why -------------------------------------------------------------------------
 def test_grid_the_window_does_not_divide_differs_and_is_refused(perturb):
     """HF pads before the cyclic shift, timm / vitlab after: measured here, then refused both ways."""
-    hf = hf_model("SwinForImageClassification", perturb, num_labels=4, **NOT_DIVIDED)
-    cfg = ours_config(4, **NOT_DIVIDED)
+    hf = hf_model("SwinModel", perturb, **NOT_DIVIDED)
+    cfg = ours_config(0, **NOT_DIVIDED)
     ours = SwinTransformer(cfg)
     ours.load_state_dict(hf_swin_state_to_vitlab(hf.state_dict(), cfg))  # the same weights, no layout check
     x = images(NOT_DIVIDED)
-    with torch.no_grad():
-        assert (ours.eval()(x) - hf(pixel_values=x).logits).abs().max() > 1e-2
+    with torch.no_grad():  # measured: ~0.4 (the padded tokens sit elsewhere in the shifted windows)
+        assert (ours.eval().forward_features(x).flatten(1, 2) - hf(pixel_values=x).last_hidden_state).abs().max() > 0.1
     for convert in (lambda: from_hf(hf), lambda: to_hf_swin(ours)):
         with pytest.raises(VitlabError, match="16x16 grid is not a multiple of the 5x5 window") as e:
             convert()
