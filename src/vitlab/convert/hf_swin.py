@@ -178,7 +178,8 @@ def hf_swin_state_to_vitlab(state: dict[str, torch.Tensor], cfg: SwinConfig) -> 
     No layout check: `from_hf_swin_state_dict` refuses the configs where the two models compute different things.
     """
     src = _Source(hub_spelling(state))
-    shapes = {k: v.shape for k, v in SwinTransformer(cfg).state_dict().items()}
+    with torch.device("meta"):  # only the shapes are needed
+        shapes = {k: v.shape for k, v in SwinTransformer(cfg).state_dict().items()}
     out = _from_hf(src, _plan(cfg), shapes)
     _check_consumed(src, "Hugging Face Swin")
     return {k: v.float() for k, v in out.items()}
@@ -192,8 +193,8 @@ def from_hf_swin_state_dict(state: dict[str, torch.Tensor], hf_config: dict) -> 
     hub = hub_spelling(state)
     num_classes = int(hub["classifier.weight"].shape[0]) if "classifier.weight" in hub else 0
     cfg = swin_config_from_hf(hf_config, num_classes)
-    model = SwinTransformer(cfg)
-    return load_into(model, hf_swin_state_to_vitlab(hub, cfg), source="Hugging Face Swin weights").eval()
+    ours = hf_swin_state_to_vitlab(hub, cfg)
+    return load_into(SwinTransformer(cfg), ours, source="Hugging Face Swin weights").eval()
 
 
 def from_hf_swin(hf_model: torch.nn.Module) -> SwinTransformer:
