@@ -7,7 +7,7 @@ are refused: unpickling can run code.
 timm: a config.json written by timm (`architecture`, `num_classes`, `model_args`) is enough when
 timm is installed; otherwise `--variant Ti/16` (+ --image-size, --num-classes) describes the
 model and the rest is read off the checkpoint's keys. Hugging Face: config.json of a ViT
-(`model_type: vit`) describes it fully.
+(`model_type: vit`) or a Swin (`model_type: swin`, becoming a vitlab Swin) describes it fully.
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ def _convert_hf(state: dict, config: dict | None, args: argparse.Namespace):
                           "a Hugging Face config.json already describes the model")
     if config is None:
         raise VitlabError(f"no {CONFIG_NAME} next to the weights; Hugging Face conversion needs it")
-    model = from_hf_vit_state_dict(state, config)
+    if config.get("model_type") == "swin":
+        from vitlab.convert.hf_swin import from_hf_swin_state_dict
+
+        model = from_hf_swin_state_dict(state, config)
+    else:
+        model = from_hf_vit_state_dict(state, config)
     id2label = config.get("id2label") or {}
     names = [id2label.get(str(i)) for i in range(model.cfg.num_classes)]
     default = [f"LABEL_{i}" for i in range(len(names))]  # transformers' placeholders are not class names

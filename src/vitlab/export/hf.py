@@ -1,7 +1,8 @@
 """`--to hf`: a Hugging Face transformers directory (config.json, model.safetensors, preprocessor_config.json).
 
-ViT classifiers become `ViTForImageClassification` (what `pipeline("image-classification")` loads), CLIP and
-SigLIP dirs `CLIPModel` / `SiglipModel`. The name mappings live beside their importers in `vitlab.convert`.
+ViT classifiers become `ViTForImageClassification` (what `pipeline("image-classification")` loads), Swin
+classifiers `SwinForImageClassification` (`SwinModel` without a classifier), CLIP and SigLIP dirs `CLIPModel` /
+`SiglipModel`. The name mappings live beside their importers in `vitlab.convert`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_hf(src: ModelDir, out: Path) -> list[str]:
     """Write the transformers directory; returns notes for the user."""
     from vitlab import __version__
+    from vitlab.model.swin import SwinTransformer
 
     notes = []
-    if src.kind == "vit":
+    swin = isinstance(src.model, SwinTransformer)
+    if swin:
+        from vitlab.convert.hf_swin import to_hf_swin
+
+        state, config = to_hf_swin(src.model, class_names=src.class_names)
+    elif src.kind == "vit":
         from vitlab.convert.hf_vit import to_hf_vit
 
         state, config = to_hf_vit(src.model, class_names=src.class_names)
@@ -36,8 +43,8 @@ def export_hf(src: ModelDir, out: Path) -> list[str]:
         state, config = to_hf_clip(src.model)
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(state, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess, src.kind))
-    if src.kind != "vit":
+    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess, "vit" if swin else src.kind))
+    if src.kind != "vit" and not swin:
         copied = [n for n in TOKENIZER_FILES if (src.path / n).is_file()]
         for name in copied:
             atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(src.path / name, tmp))
@@ -55,17 +62,21 @@ def check_hf(src: ModelDir, out: Path) -> float | None:
         import transformers
     except ImportError:
         return None
-    if src.kind != "vit":
+    from vitlab.model.swin import SwinTransformer
+
+    swin = isinstance(src.model, SwinTransformer)
+    image = src.kind == "vit" or swin  # one image model with one output
+    if not image or (swin and not src.model.cfg.num_classes):  # CLIP / SigLIP, or a SwinModel
         hf = transformers.AutoModel.from_pretrained(out)
-    elif src.model.cfg.pre_logits_dim:
+    elif not swin and src.model.cfg.pre_logits_dim:
         hf = transformers.ViTModel.from_pretrained(out)
     else:
         hf = transformers.AutoModelForImageClassification.from_pretrained(out)
     hf.eval()
-    vision = src.model.cfg if src.kind == "vit" else src.model.cfg.vision
+    vision = src.model.cfg if image else src.model.cfg.vision
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, vision.in_channels, vision.image_size, vision.image_size, generator=g)
-    if src.kind == "vit":
+    if image:
         res = hf(pixel_values=x)
         theirs = res.logits if hasattr(res, "logits") else res.pooler_output
         return float((theirs - src.model(x)).abs().max())

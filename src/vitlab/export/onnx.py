@@ -1,6 +1,7 @@
 """`--to onnx`: the model as ONNX graphs (torch.onnx's dynamo exporter) with a dynamic batch dimension.
 
-ViT: `model.onnx`, pixel_values (B, C, S, S) -> logits (B, classes), or pooled features without a classifier.
+ViT and Swin: `model.onnx`, pixel_values (B, C, S, S) -> logits (B, classes), or pooled features without a
+classifier (Swin's cyclic shifts, window partitions and masks trace with the batch left dynamic).
 CLIP / SigLIP: `image_encoder.onnx` (pixel_values -> unit image embeddings) and `text_encoder.onnx`
 (input_ids (B, context_length) -> unit text embeddings). The source's config.json and a transformers
 preprocessor_config.json go alongside, so class names and preprocessing travel with the graphs.
@@ -34,6 +35,18 @@ class _Encoder(nn.Module):
         return self.model.encode_image(x) if self.which == "image" else self.model.encode_text(x)
 
 
+class _SwinLogits(nn.Module):
+    """A Swin's logits by `forward_attention`'s explicit softmax: torch.onnx (torch 2.14) fails to decompose
+    scaled_dot_product_attention with Swin's per-window bias when the batch is dynamic."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_attention(x)[0]
+
+
 @dataclass
 class Graph:
     file: str
@@ -43,12 +56,24 @@ class Graph:
     output_name: str
 
 
+def _is_swin(model: nn.Module) -> bool:
+    from vitlab.model.swin import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
+def image_model(src: ModelDir) -> bool:
+    """An image classifier / feature extractor (ViT or Swin): one graph, a ViT image processor."""
+    return src.kind == "vit" or _is_swin(src.model)
+
+
 def graphs(src: ModelDir) -> list[Graph]:
     g = torch.Generator().manual_seed(0)
-    if src.kind == "vit":
+    if image_model(src):
         c = src.model.cfg
         x = torch.randn(2, c.in_channels, c.image_size, c.image_size, generator=g)
-        return [Graph("model.onnx", src.model, x, "pixel_values", "logits" if c.num_classes else "features")]
+        module = _SwinLogits(src.model) if _is_swin(src.model) else src.model
+        return [Graph("model.onnx", module, x, "pixel_values", "logits" if c.num_classes else "features")]
     v = src.model.cfg.vision
     x = torch.randn(2, v.in_channels, v.image_size, v.image_size, generator=g)
     ids = src.tokenizer(["a photo of a cat.", "a dog"])  # (2, context_length)
@@ -67,9 +92,10 @@ def export_onnx(src: ModelDir, out: Path) -> list[str]:
                                     input_names=[gr.input_name], output_names=[gr.output_name],
                                     dynamic_shapes=({0: batch},))
         atomic_write(out / gr.file, lambda tmp, p=program: p.save(tmp, external_data=False))
-    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess, src.kind))
+    write_json(out / PREPROCESSOR_NAME, hf_image_processor_config(src.preprocess,
+                                                                  "vit" if image_model(src) else src.kind))
     write_json(out / CONFIG_NAME, read_json(src.path / CONFIG_NAME))  # labels and the model's description
-    return [] if src.kind == "vit" else \
+    return [] if image_model(src) else \
         ["the encoders return unit embeddings; rank classes by their dot products (the logit scale is in "
          "the source's model.safetensors)"]
 
