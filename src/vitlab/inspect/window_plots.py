@@ -17,6 +17,7 @@ from matplotlib.patches import Rectangle
 
 from vitlab.inspect.plots import OVERLAY_CMAP, ImageLabel, _clean, _np, _panel_size, to_display
 from vitlab.inspect.windows import (
+    WRAP_COLORS,
     region_grid,
     stage_pixels,
     uniform_window_distance,
@@ -29,7 +30,6 @@ from vitlab.inspect.windows import (
 )
 
 WINDOW_LINE, PATCH_LINE, QUERY_COLOR, MASK_LINE = "white", (1, 1, 1, 0.35), "#ffdd00", "#ff3b30"
-WRAP_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#17becf")
 HEAT_ALPHA = 0.65
 MAX_NUMBERED_WINDOWS = 64  # beyond this, numbers on every window are unreadable
 

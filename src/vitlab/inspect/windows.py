@@ -25,6 +25,8 @@ from vitlab.inspect.pca import pca
 from vitlab.model.swin import SwinTransformer
 
 PAD = -1  # a window slot holding one of the zero tokens the block adds to make its grid a multiple of the window
+# one colour per window that wraps around the image edges, in the figures and the demo alike
+WRAP_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#17becf")
 
 
 def is_swin(model) -> bool:
