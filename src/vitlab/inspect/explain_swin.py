@@ -109,16 +109,21 @@ def windows_figure(model, image: torch.Tensor, *, stage: int = 0):
     from vitlab.inspect.window_plots import plot_windows
 
     cfg, layout = model.cfg, model.block_layout()
-    blocks = [b for b in layout if b["stage"] == stage]
-    blk, shift = blocks[0], stage_shift(layout, stage)
-    note = ""
-    if shift and not any(b["shift"] for b in blocks):
-        note = f" (this model's stage {stage + 1} has a single block, so it never uses the shifted windows shown)"
+    blk, shift = next(b for b in layout if b["stage"] == stage), stage_shift(layout, stage)
+    note = f" ({unused_shift_note(layout, stage)})" if unused_shift_note(layout, stage) else ""
     gh, gw = blk["grid"]
     px = stage_pixels(cfg.patch_size, stage)
     return plot_windows(image, grid=blk["grid"], window=blk["window"], shift=shift, cell=px,
                         title=f"Stage {stage + 1}: attention only inside windows of {blk['window']}x{blk['window']} "
                               f"patches ({gh}x{gw} patches of {px} px){note}")
+
+
+def unused_shift_note(layout: list[dict], stage: int) -> str:
+    """Words for a stage whose shifted windows are drawn but never used (its only block is unshifted), else ""."""
+    blocks = [b for b in layout if b["stage"] == stage]
+    if stage_shift(layout, stage) and not any(b["shift"] for b in blocks):
+        return f"this model's stage {stage + 1} has a single block, so it never uses the shifted windows shown"
+    return ""
 
 
 def window_attention_figure(model, images: torch.Tensor, attn: torch.Tensor, *, block: int, labels: list,
@@ -153,17 +158,16 @@ def swin_sections(run, inputs, an: SwinAnalysis, sections, labels: list) -> None
     layout = model.block_layout()
     rows = min(len(an.attns[0]), MAX_ROWS)
     imgs, labels = inputs.images[:rows], labels[:rows]
-    first = layout[0]
-    shift = stage_shift(layout, 0)
+    first, shift, unused = layout[0], stage_shift(layout, 0), unused_shift_note(layout, 0)
+    what = (f"Swin never attends over the whole image: each block cuts the patch grid into windows of "
+            f"{first['window']}x{first['window']} patches and attends only inside each.")
+    if shift:
+        what += (f" Every second block shifts the windows by {shift} patches so that neighbouring windows exchange "
+                 "information. To keep every window full, the block rolls the image instead (third panel): the "
+                 "strips that fall off one edge come back at the other, and a mask (fourth panel) stops patches "
+                 "that are not neighbours in the image from attending to each other.")
     sections.add(windows_figure(model, inputs.images[0]), "windows.png", "Windows and shifted windows",
-                 f"Swin never attends over the whole image: each block cuts the patch grid into windows of "
-                 f"{first['window']}x{first['window']} patches and attends only inside each. Every second block "
-                 f"shifts the windows by {shift} patches so that neighbouring windows exchange information. To "
-                 "keep every window full, the block rolls the image instead (third panel): the strips that fall "
-                 "off one edge come back at the other, and a mask (fourth panel) stops patches that are not "
-                 "neighbours in the image from attending to each other." if shift else
-                 "Swin never attends over the whole image: each block cuts the patch grid into windows and attends "
-                 "only inside each.")
+                 what + (f" Note: {unused}." if unused else ""))
 
     b = default_block(layout, 0)
     sections.add(window_attention_figure(model, imgs, an.attns[b][:rows], block=b, labels=labels),
