@@ -219,7 +219,7 @@ def test_explain_a_swin_run(matplotlib, tmp_path, capsys, overrides):
     shifted = "depths" in overrides
     assert ("single block" in page) != shifted  # swin-test's stages have one block: its shift is only drawn
     with Image.open(out / "windows.png") as im, Image.open(out / "window_attention.png") as att:
-        assert im.size[0] > 3 * im.size[1]  # the four panels side by side
+        assert im.size[0] > 2.5 * im.size[1]  # the four panels side by side
         assert att.size[1] > 2 * 150  # two image rows
 
 

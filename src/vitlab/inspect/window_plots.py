@@ -60,7 +60,7 @@ def _patch_lines(ax, grid: tuple[int, int], cell: float) -> None:
     _lines(ax, segs, cell, colors=[PATCH_LINE], linewidths=0.5)
 
 
-def _tint(ax, ids: np.ndarray, colors: dict[int, str], cell: float, alpha: float = 0.45) -> None:
+def _tint(ax, ids: np.ndarray, colors: dict[int, str], cell: float, alpha: float = 0.5) -> None:
     """Fill the patches of the windows in `colors` (window id -> colour) over an image."""
     H, W = ids.shape
     rgba = np.zeros((H, W, 4))
@@ -69,9 +69,10 @@ def _tint(ax, ids: np.ndarray, colors: dict[int, str], cell: float, alpha: float
     ax.imshow(rgba, interpolation="nearest", extent=(0, W * cell, H * cell, 0))
 
 
-def _number(ax, x: float, y: float, text: str, *, color: str = "white", size: float = 7.0) -> None:
-    ax.text(x, y, text, ha="center", va="center", fontsize=size, fontweight="bold", color=color,
-            bbox=dict(facecolor="black", alpha=0.55, pad=0.8, linewidth=0))
+def _number(ax, x: float, y: float, text: str, *, color: str | None = None, size: float = 7.0) -> None:
+    """White text on a dark box, or on a box of the window's `color`."""
+    ax.text(x, y, text, ha="center", va="center", fontsize=size, fontweight="bold", color="white",
+            bbox=dict(facecolor=color or "black", alpha=0.85 if color else 0.55, pad=0.8, linewidth=0))
 
 
 def _label_pieces(ax, pieces, cell: float, colors: dict[int, str], n_windows: int,
@@ -80,9 +81,9 @@ def _label_pieces(ax, pieces, cell: float, colors: dict[int, str], n_windows: in
     `letters` ((window, region) -> letter) get their letter instead."""
     for w, reg, r, c in pieces:
         if (w, reg) in letters:
-            _number(ax, c * cell, r * cell, letters[w, reg], color=colors.get(w, "white"), size=8.5)
+            _number(ax, c * cell, r * cell, letters[w, reg], color=colors.get(w), size=8.5)
         elif n_windows <= MAX_NUMBERED_WINDOWS:
-            _number(ax, c * cell, r * cell, str(w + 1), color=colors.get(w, "white"))
+            _number(ax, c * cell, r * cell, str(w + 1), color=colors.get(w))
 
 
 # ---------------------------------------------------------------- windows over the image
