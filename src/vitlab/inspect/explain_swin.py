@@ -143,8 +143,8 @@ def window_attention_figure(model, images: torch.Tensor, attn: torch.Tensor, *, 
         cols.append(f"mean of {heads} heads")
     kind = f"shifted windows, shift {shift}" if shift else "regular windows"
     more = f" (first {shown} of {heads} heads)" if heads > shown else ""
-    title = (f"{title_prefix}Stage {blk['stage'] + 1}, block {blk['block'] + 1} ({kind}): attention from the query "
-             f"patch (yellow square, under the image centre)\nto the {ws * ws} patches of its {ws}x{ws} window{more}; "
+    title = (f"{title_prefix}Stage {blk['stage'] + 1}, block {blk['block'] + 1} ({kind}){more}:\nattention from the "
+             f"query patch (yellow square, under the image centre) to the {ws * ws} patches\nof its {ws}x{ws} window; "
              "the rest of the image is dimmed: this block cannot see it")
     return plot_window_attention(images, maps, labels=labels, grid=grid, window=ws, patch=patch, col_titles=cols,
                                  cell=stage_pixels(model.cfg.patch_size, blk["stage"]), title=title)

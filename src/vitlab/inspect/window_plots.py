@@ -199,7 +199,7 @@ def plot_window_attention(images, maps, *, labels: list[ImageLabel], grid: tuple
     numbers = window <= 4 and contiguous
 
     s = _panel_size(K + 1.6, 1.9)
-    fig = Figure(figsize=(s * (K + 1) + 2.3, s * B + 1.2), layout="constrained")
+    fig = Figure(figsize=(max(s * (K + 1) + 2.3, 7.5), s * B + 1.4), layout="constrained")  # room for the title
     axes = fig.subplots(B, K + 1, squeeze=False)
     outside = np.zeros((H, W, 4))
     outside[~inside] = (0, 0, 0, 0.6)
