@@ -66,18 +66,24 @@ def convert_timm(state: dict, config: dict | None, *, variant: str | None = None
                  num_classes: int | None = None):
     """(vitlab model, class names or None) of a timm state dict, described by timm's config.json or `variant`."""
     from vitlab.convert.timm import from_timm_state_dict, load_timm_checkpoint, timm_config_from_state_dict
+    from vitlab.convert.timm_swin import from_timm_swin_state_dict, swin_config_from_state_dict
 
     config = config or {}
-    if config.get("model_type") == "vitlab_vit":
-        raise VitlabError("SRC is already a vitlab model directory (config.json model_type 'vitlab_vit')")
+    if config.get("model_type") in ("vitlab_vit", "vitlab_swin"):
+        raise VitlabError(f"SRC is already a vitlab model directory (config.json model_type {config['model_type']!r})")
     labels = config.get("label_names")
     if variant:
         input_size = (config.get("pretrained_cfg") or {}).get("input_size")
         if image_size is None and input_size:
             image_size = int(input_size[-1])
-        cfg = timm_config_from_state_dict(state, variant=variant, image_size=image_size,
-                                          num_classes=num_classes, global_pool=config.get("global_pool"))
-        model = from_timm_state_dict(state, cfg)
+        if variant.startswith("swin-"):
+            cfg = swin_config_from_state_dict(state, variant=variant, image_size=image_size,
+                                              num_classes=num_classes, global_pool=config.get("global_pool"))
+            model = from_timm_swin_state_dict(state, cfg)
+        else:
+            cfg = timm_config_from_state_dict(state, variant=variant, image_size=image_size,
+                                              num_classes=num_classes, global_pool=config.get("global_pool"))
+            model = from_timm_state_dict(state, cfg)
     elif config.get("architecture"):
         model = load_timm_checkpoint(state, config, image_size=image_size, num_classes=num_classes)
     else:

@@ -1,4 +1,5 @@
-"""timm `VisionTransformer` <-> vitlab.
+"""timm `VisionTransformer` <-> vitlab; the entry points (`timm_kwargs`, `timm_class`, `to_timm`, `from_timm`,
+`load_timm_checkpoint`) also take Swin models and configs, handled in `timm_swin.py`.
 
 Our parameter names are timm's (`patch_embed.proj`, `blocks.i.attn.qkv`, `ls1.gamma`, `attn_pool.*`, ...),
 so converting weights is a strict load with identity renaming; the work is mapping the *config*:
@@ -22,8 +23,10 @@ import math
 import torch
 from torch import nn
 
+from vitlab.convert.timm_swin import from_timm_swin, swin_timm_kwargs, to_timm_swin
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig, parse_variant
+from vitlab.model.swin import SwinConfig, SwinTransformer
 from vitlab.model.vit import VisionTransformer
 from vitlab.weights import describe_mismatch, load_into
 
@@ -32,12 +35,15 @@ _FROM_TIMM_POOL = {v: k for k, v in _TO_TIMM_POOL.items()}
 
 
 # ---- vitlab -> timm ----------------------------------------------------------------------------------
-def timm_kwargs(cfg: ViTConfig) -> dict:
-    """Keyword arguments for `timm.models.vision_transformer.VisionTransformer(**kw)` matching `cfg`.
+def timm_kwargs(cfg: ViTConfig | SwinConfig) -> dict:
+    """Keyword arguments for `timm.models.vision_transformer.VisionTransformer(**kw)` matching `cfg`
+    (for a SwinConfig: timm's `SwinTransformer`).
 
     `dynamic_img_size=True`, so the timm model takes other input sizes the way ours does.
     Raises VitlabError for what timm's class cannot express.
     """
+    if isinstance(cfg, SwinConfig):
+        return swin_timm_kwargs(cfg)
     problems = []
     if cfg.pre_logits_dim:
         problems.append(f"pre_logits_dim={cfg.pre_logits_dim} (timm's ViT has no pre-logits layer)")
@@ -73,8 +79,13 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
     )
 
 
-def timm_class(cfg: ViTConfig) -> type:
-    """timm's class for `cfg`: VisionTransformer, or DeiT's VisionTransformerDistilled with a distillation token."""
+def timm_class(cfg: ViTConfig | SwinConfig) -> type:
+    """timm's class for `cfg`: VisionTransformer, DeiT's VisionTransformerDistilled with a distillation token,
+    or SwinTransformer."""
+    if isinstance(cfg, SwinConfig):
+        from timm.models.swin_transformer import SwinTransformer as TimmSwin
+
+        return TimmSwin
     if cfg.distill_token:
         from timm.models.deit import VisionTransformerDistilled
 
@@ -84,8 +95,10 @@ def timm_class(cfg: ViTConfig) -> type:
     return TimmViT
 
 
-def to_timm(model: VisionTransformer) -> dict[str, torch.Tensor]:
+def to_timm(model: VisionTransformer | SwinTransformer) -> dict[str, torch.Tensor]:
     """A state dict that `timm_class(cfg)(**timm_kwargs(cfg))` loads with strict=True."""
+    if isinstance(model, SwinTransformer):
+        return to_timm_swin(model)
     timm_kwargs(model.cfg)  # raises if timm cannot hold this model
     state = dict(model.state_dict())
     if model.cfg.pos_embed == "sincos2d":  # a non-persistent buffer here, a learned table in timm
@@ -107,8 +120,11 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], cfg: ViTConfig) -> Visi
     return load_into(model, state, source="timm weights").eval()
 
 
-def from_timm(timm_model: nn.Module) -> VisionTransformer:
-    """A vitlab model with the same outputs as a timm `VisionTransformer` (config read off the model)."""
+def from_timm(timm_model: nn.Module) -> VisionTransformer | SwinTransformer:
+    """A vitlab model with the same outputs as a timm `VisionTransformer` or `SwinTransformer` (config read off
+    the model)."""
+    if type(timm_model).__name__ == "SwinTransformer":
+        return from_timm_swin(timm_model)
     return from_timm_state_dict(timm_model.state_dict(), timm_config(timm_model))
 
 
@@ -286,7 +302,8 @@ def timm_config_from_state_dict(state: dict[str, torch.Tensor], *, variant: str,
 
 
 def load_timm_checkpoint(state: dict[str, torch.Tensor], timm_config_json: dict, *,
-                         image_size: int | None = None, num_classes: int | None = None) -> VisionTransformer:
+                         image_size: int | None = None,
+                         num_classes: int | None = None) -> VisionTransformer | SwinTransformer:
     """Convert weights saved with a timm hub `config.json` (`architecture`, `num_classes`, `model_args`).
 
     Builds the named timm architecture (no download), loads the weights strictly, then `from_timm`.

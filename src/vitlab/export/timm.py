@@ -21,27 +21,36 @@ from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, save_state_dict, write_jso
 
 # timm class -> a registered architecture of it
 ARCHITECTURES = {"VisionTransformer": "vit_base_patch16_224",
-                 "VisionTransformerDistilled": "deit_base_distilled_patch16_224"}
-TIMM_LAYERNORM_EPS = 1e-6  # what timm's ViT builds when model_args name no norm_layer
+                 "VisionTransformerDistilled": "deit_base_distilled_patch16_224",
+                 "SwinTransformer": "swin_tiny_patch4_window7_224"}
+TIMM_LAYERNORM_EPS = 1e-6  # what timm's ViT builds when model_args name no norm_layer (its Swin: 1e-5)
 
 
 def timm_hub_config(src: ModelDir) -> dict:
     """The config.json timm's `push_to_hf_hub` would write for this model."""
     from vitlab.convert.timm import timm_kwargs
+    from vitlab.convert.timm_swin import TIMM_LAYERNORM_EPS as SWIN_EPS
+    from vitlab.model.swin import SwinTransformer
 
-    if src.kind != "vit":
+    swin = isinstance(src.model, SwinTransformer)
+    if src.kind != "vit" and not swin:
         raise VitlabError(f"timm's format holds image classifiers; a {src.kind.upper()} dir exports to hf or onnx")
     cfg, pre = src.model.cfg, src.preprocess
     kwargs = timm_kwargs(cfg)  # raises for what timm's VisionTransformer cannot express
     kwargs.pop("norm_layer")  # a Python object; only the eps matters and JSON cannot name one
-    if not math.isclose(cfg.norm_eps, TIMM_LAYERNORM_EPS, rel_tol=1e-9):
+    eps, family = (SWIN_EPS, "Swin") if swin else (TIMM_LAYERNORM_EPS, "ViT")
+    if not math.isclose(cfg.norm_eps, eps, rel_tol=1e-9):
         raise VitlabError(f"norm_eps={cfg.norm_eps:g}: a timm config.json cannot name a LayerNorm eps, and timm's "
-                          f"ViT uses {TIMM_LAYERNORM_EPS:g}")
+                          f"{family} uses {eps:g}")
     if not math.isclose(pre.rescale_factor, 1 / 255):
         raise VitlabError(f"rescale_factor={pre.rescale_factor}: timm's transforms scale pixels by 1/255")
-    classifier = ["head", "head_dist"] if cfg.distill_token and cfg.num_classes else "head"
+    if swin:
+        classifier, arch = "head.fc", "SwinTransformer"
+    else:
+        classifier = ["head", "head_dist"] if cfg.distill_token and cfg.num_classes else "head"
+        arch = "VisionTransformerDistilled" if cfg.distill_token else "VisionTransformer"
     config = {
-        "architecture": ARCHITECTURES["VisionTransformerDistilled" if cfg.distill_token else "VisionTransformer"],
+        "architecture": ARCHITECTURES[arch],
         "num_classes": cfg.num_classes,
         "num_features": src.model.num_features,
         "global_pool": kwargs["global_pool"],

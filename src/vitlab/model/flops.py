@@ -1,22 +1,57 @@
-"""Cost model of a ViT: FLOPs per image (for MFU), activation memory, and a size check run before building."""
+"""Cost model of a ViT or a Swin: FLOPs per image (for MFU), activation memory, and a size check run before
+building. Each function takes a ViTConfig or a SwinConfig."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig
 
+if TYPE_CHECKING:  # model/swin.py imports this module; the check below reads the config by its fields
+    from vitlab.model.swin import SwinConfig
 
-def flops_per_image(cfg: ViTConfig, *, image_size: int | None = None, training: bool = False) -> int:
+
+def is_swin(cfg) -> bool:
+    return hasattr(cfg, "depths")
+
+
+def swin_stages(cfg: SwinConfig, image_size: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """Per stage (channels, channels before it (0: none), grid side, window side, MLP hidden) at `image_size`."""
+    grid, prev = (image_size or cfg.image_size) // cfg.patch_size, 0
+    for i, dim in enumerate(cfg.stage_dims):
+        if i:
+            grid = (grid + 1) // 2  # patch merging pads an odd side
+        yield dim, prev, grid, min(grid, cfg.window_size), int(dim * cfg.mlp_ratio)
+        prev = dim
+
+
+def swin_macs(cfg: SwinConfig, image_size: int | None = None) -> int:
+    """Multiply-adds of a Swin forward: patch conv, merging, qkv/proj (over the window-padded grid), the
+    attention inside each window, MLP, head."""
+    size = image_size or cfg.image_size
+    macs = (size // cfg.patch_size) ** 2 * cfg.embed_dim * cfg.in_channels * cfg.patch_size**2
+    for (C, prev, g, ws, M), depth in zip(swin_stages(cfg, size), cfg.depths):
+        if prev:
+            macs += g * g * 4 * prev * C
+        padded = (-(-g // ws) * ws) ** 2  # tokens the attention sees, zero padding included
+        macs += depth * (padded * 4 * C * C + 2 * padded * ws * ws * C + 2 * g * g * C * M)
+    return macs + cfg.num_features * cfg.num_classes
+
+
+def flops_per_image(cfg: ViTConfig | SwinConfig, *, image_size: int | None = None, training: bool = False) -> int:
     """Matmul FLOPs (2 per multiply-add) of one image's forward pass; x3 for training (fwd + bwd).
 
     Counts the patch projection, qkv/proj/MLP linears, QK^T and AV, the MAP head and the classifier;
     norms, softmax and activations are a few percent and left out, as in nanoGPT's estimate_mfu.
     """
+    if is_swin(cfg):
+        return 2 * swin_macs(cfg, image_size) * (3 if training else 1)
     size = image_size or cfg.image_size
     n = (size // cfg.patch_size) ** 2
     N = n + cfg.num_prefix_tokens
@@ -34,9 +69,11 @@ def flops_per_image(cfg: ViTConfig, *, image_size: int | None = None, training: 
     return 2 * macs * (3 if training else 1)
 
 
-def stem_macs(cfg: ViTConfig, image_size: int | None = None) -> int:
+def stem_macs(cfg: ViTConfig | SwinConfig, image_size: int | None = None) -> int:
     """Multiply-adds of the stem: the patchify conv, or the conv stem's 3x3 convs and its 1x1 projection."""
     size = image_size or cfg.image_size
+    if is_swin(cfg):
+        return (size // cfg.patch_size) ** 2 * cfg.embed_dim * cfg.in_channels * cfg.patch_size**2
     if cfg.stem == "patchify":
         return (size // cfg.patch_size) ** 2 * cfg.width * cfg.in_channels * cfg.patch_size**2
     macs, c_in = 0, cfg.in_channels
@@ -46,20 +83,29 @@ def stem_macs(cfg: ViTConfig, image_size: int | None = None) -> int:
     return macs + size * size * c_in * cfg.width
 
 
-def activation_bytes_per_image(cfg: ViTConfig, *, bytes_per_value: int = 4, fused_attention: bool = True) -> int:
+def activation_bytes_per_image(cfg: ViTConfig | SwinConfig, *, bytes_per_value: int = 4,
+                               fused_attention: bool = True) -> int:
     """Rough memory autograd keeps per image for training (no gradient checkpointing).
 
     Per block, the saved inputs of: two LayerNorms, qkv (3ND), attention output, proj, fc1 input,
     fc1 output and activation output (2NM), residuals; plus the (H, N, N) probabilities when
-    attention is not fused. An estimate to size batches, not an exact count.
+    attention is not fused (a Swin's: per window). An estimate to size batches, not an exact count.
     """
+    if is_swin(cfg):
+        n = (cfg.image_size // cfg.patch_size) ** 2 * cfg.embed_dim * 3  # patch embedding and its norm
+        for (C, prev, g, ws, M), depth, heads in zip(swin_stages(cfg), cfg.depths, cfg.num_heads):
+            n += g * g * 8 * prev  # patch merging: its norm's and its linear's inputs (4 * prev each)
+            padded = (-(-g // ws) * ws) ** 2
+            n += depth * (g * g * (9 * C + 2 * M) + (0 if fused_attention else 2 * heads * padded * ws * ws))
+        return bytes_per_value * n
     N = cfg.num_tokens
     D, M, L, H = cfg.width, cfg.mlp_dim, cfg.depth, cfg.heads
     per_block = N * (9 * D + 2 * M) + (0 if fused_attention else 2 * H * N * N)
     return bytes_per_value * (L * per_block + N * D * 3)
 
 
-def estimate_mfu(cfg: ViTConfig, images_per_second: float, peak_flops: float, *, training: bool = True) -> float:
+def estimate_mfu(cfg: ViTConfig | SwinConfig, images_per_second: float, peak_flops: float, *,
+                 training: bool = True) -> float:
     """Model FLOPs utilisation: achieved matmul FLOP/s over the chip's peak (nanoGPT's estimate_mfu)."""
     return flops_per_image(cfg, training=training) * images_per_second / peak_flops
 
@@ -70,9 +116,18 @@ MAX_DEPTH = 10_000  # the deepest transformers trained have ~1000 layers; 10^6 b
 MEMORY_ENV = "VITLAB_MEMORY_LIMIT"  # bytes (suffix K/M/G/T allowed) the size check compares with; "off": no check
 
 
-def estimate_params(cfg: ViTConfig) -> int:
+def estimate_params(cfg: ViTConfig | SwinConfig) -> int:
     """Parameter count from the config alone (no tensors): the encoder, embeddings and heads, exact for the
-    patchify stem; a conv stem is counted as a patchify one (its 3x3 convs are a rounding error in size)."""
+    patchify stem and for a Swin; a conv stem is counted as a patchify one (its 3x3 convs are a rounding error
+    in size)."""
+    if is_swin(cfg):
+        E = cfg.embed_dim
+        n = cfg.in_channels * cfg.patch_size**2 * E + 3 * E  # patch conv with bias, its LayerNorm
+        for (C, prev, _, ws, M), depth, heads in zip(swin_stages(cfg), cfg.depths, cfg.num_heads):
+            n += 8 * prev + 4 * prev * C  # merging: LayerNorm(4 prev), Linear(4 prev -> C) without bias
+            qkv_bias = 3 * C if cfg.qkv_bias else 0
+            n += depth * (4 * C * C + qkv_bias + C + (2 * ws - 1) ** 2 * heads + 2 * C * M + M + C + 4 * C)
+        return n + 2 * cfg.num_features + (cfg.num_features + 1) * cfg.num_classes
     D, M, L, N = cfg.width, cfg.mlp_dim, cfg.depth, cfg.num_patches
     block = 4 * D * D + 2 * D * M + M + 9 * D  # qkv + proj + fc1 + fc2, their biases, two LayerNorms
     n = L * block + cfg.in_channels * cfg.patch_size**2 * D + D  # patch projection
@@ -87,7 +142,8 @@ def estimate_params(cfg: ViTConfig) -> int:
     return n + (features + 1) * cfg.num_classes
 
 
-def model_bytes(cfg: ViTConfig, *, batch_size: int = 0, training: bool = False, bytes_per_value: int = 4) -> int:
+def model_bytes(cfg: ViTConfig | SwinConfig, *, batch_size: int = 0, training: bool = False,
+                bytes_per_value: int = 4) -> int:
     """Memory a model needs: its weights, x4 when training with AdamW (weights, gradients, two moments),
     plus `batch_size` images of activations (the training estimate, which bounds inference's too)."""
     weights = estimate_params(cfg) * bytes_per_value * (4 if training else 1)
@@ -133,7 +189,7 @@ def parse_bytes(text: str, what: str) -> int:
     return int(value)
 
 
-def check_model_size(cfg: ViTConfig, *, batch_size: int = 0, training: bool = False,
+def check_model_size(cfg: ViTConfig | SwinConfig, *, batch_size: int = 0, training: bool = False,
                      available: int | None = None) -> int:
     """Refuse a config that cannot be built, before any tensor exists; returns the estimated bytes.
 

@@ -10,11 +10,13 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig, parse_variant
 from vitlab.model.hub import seeded
+from vitlab.model.swin import SwinConfig, SwinTransformer, parse_swin_variant
 from vitlab.model.vit import VisionTransformer
 from vitlab.weights import CONFIG_NAME, read_json
 
 # config.json model_type -> class (each a PretrainedMixin with `config_class`)
-MODEL_CLASSES: dict[str, type[nn.Module]] = {VisionTransformer.model_type: VisionTransformer}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {VisionTransformer.model_type: VisionTransformer,
+                                             SwinTransformer.model_type: SwinTransformer}
 
 
 def model_class(model_type: str) -> type[nn.Module]:
@@ -24,13 +26,17 @@ def model_class(model_type: str) -> type[nn.Module]:
     return MODEL_CLASSES[model_type]
 
 
-def model_config(variant: str, **overrides) -> ViTConfig:
-    """The config a variant name (+ overrides) stands for: "Ti/4", "conv128", ..."""
+def model_config(variant: str, **overrides) -> ViTConfig | SwinConfig:
+    """The config a variant name (+ overrides) stands for: "Ti/4", "conv128", "swin-cifar", ..."""
+    if variant.strip().startswith("swin-"):
+        return parse_swin_variant(variant.strip(), **overrides)
     return parse_variant(variant, **overrides)
 
 
-def create_model(variant: str | ViTConfig = "tutorial", *, seed: int | None = None, **overrides) -> nn.Module:
-    """`create_model("Ti/4", image_size=32, num_classes=10)`; `seed` makes the init reproducible."""
+def create_model(variant: str | ViTConfig | SwinConfig = "tutorial", *, seed: int | None = None,
+                 **overrides) -> nn.Module:
+    """`create_model("Ti/4", image_size=32, num_classes=10)`, `create_model("swin-cifar")`; `seed` makes the
+    init reproducible."""
     cfg = variant if not isinstance(variant, str) else model_config(variant, **overrides)
     cls = next(c for c in MODEL_CLASSES.values() if isinstance(cfg, c.config_class))
     with seeded(seed):
