@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import check_report, write_images
 from PIL import Image
 
+from helpers import check_report, write_images
 from vitlab.cli import main
 from vitlab.inspect.images import model_inputs
 from vitlab.inspect.windows import (
