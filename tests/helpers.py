@@ -1,16 +1,22 @@
-"""Helpers the tests share: a free TCP port, the torchrun launcher, and the two-rank harness that runs a worker
-in real gloo process groups. Fixtures (tiny_cifar, cifar_dir, assert_same_training) are in conftest.py."""
+"""Helpers the tests share: a free TCP port, the torchrun launcher, the two-rank harness that runs a worker
+in real gloo process groups, image files and the report check of `vitlab explain`. Fixtures (tiny_cifar,
+cifar_dir, assert_same_training) are in conftest.py."""
 
+import base64
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 TINY_MODEL = ["--model", "test"]  # the variant table's 16-wide, 1-deep row: `vitlab train` in seconds
+DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 def free_port() -> int:
@@ -42,3 +48,33 @@ def run_ranks(worker, out: Path, *args, world: int = 2) -> list:
     result to out/rank{rank}.pt); returns the ranks' results in rank order."""
     mp.spawn(worker, args=(world, free_port(), str(out), *args), nprocs=world, join=True)
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ---------------------------------------------------------------- vitlab explain
+
+
+def write_images(folder, n):
+    """n random 24x20 PNGs written to `folder`; their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def check_report(out, expected_pngs):
+    """report.html in `out` embeds exactly the PNGs written there and links nothing outside; its text."""
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == expected_pngs
+    page = (out / "report.html").read_text()
+    embedded = {base64.b64decode(b) for b in DATA_URI.findall(page)}
+    for name in pngs:  # every figure on disk is in the page, byte for byte
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data in embedded
+    body = DATA_URI.sub('src="data:"', page).lower()
+    assert "http" not in body and "<script" not in body and "<link" not in body and "url(" not in body
+    assert set(re.findall(r'src="([^"]*)"', body)) == {"data:"}
+    return page

@@ -1,14 +1,13 @@
 """`vitlab explain` end to end on tiny saved runs: every pooling, registers, image files and CIFAR test images."""
 
-import base64
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import check_report, write_images
 from vitlab.cli import main
 from vitlab.model import create_model
 
@@ -17,7 +16,6 @@ TINY = dict(width=16, depth=2, heads=2, mlp_dim=32, image_size=16, patch_size=4,
 ALWAYS = {"position_similarity.png", "patch_filters.png", "training_curves.png"}
 WITH_IMAGES = {"attention_heads.png", "attention_layers.png", "attention_rollout.png", "attention_distance.png",
                "embeddings.png"}
-DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture
@@ -37,31 +35,6 @@ def make_run(path, **overrides):
         {"image_mean": [0.49, 0.48, 0.45], "image_std": [0.25, 0.24, 0.26], "rescale_factor": 1 / 255,
          "size": {"height": 16, "width": 16}}))
     return path
-
-
-def write_images(folder, n):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
-
-
-def check_report(out, expected_pngs):
-    pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == expected_pngs
-    page = (out / "report.html").read_text()
-    embedded = {base64.b64decode(b) for b in DATA_URI.findall(page)}
-    for name in pngs:  # every figure on disk is in the page, byte for byte
-        data = (out / name).read_bytes()
-        assert len(data) > 1000 and data in embedded
-    body = DATA_URI.sub('src="data:"', page).lower()
-    assert "http" not in body and "<script" not in body and "<link" not in body and "url(" not in body
-    assert set(re.findall(r'src="([^"]*)"', body)) == {"data:"}
-    return page
 
 
 @pytest.mark.parametrize("overrides", [

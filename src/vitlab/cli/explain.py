@@ -1,4 +1,4 @@
-"""`vitlab explain RUN_DIR [IMAGE ...] [--test-images N]`: figures + report.html of what a ViT learned."""
+"""`vitlab explain RUN_DIR [IMAGE ...] [--test-images N]`: figures + report.html of what a ViT (or Swin) learned."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ DEFAULT_TEST_IMAGES = 256
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "explain", help="draw attention maps, rollout, position/filter views and metrics of a trained run",
+        "explain", help="draw attention maps, rollout (Swin: windows), position/filter views and metrics of a run",
         description="Write PNG figures and one self-contained report.html that show what a trained ViT "
-                    "attends to and what it learned. Without IMAGE paths it explains the first "
+                    "attends to and what it learned (a Swin: its windows and shifted windows, one window's "
+                    "attention, attention distance by stage, every stage's feature map). Without IMAGE paths it "
+                    "explains the first "
                     f"--test-images (default {DEFAULT_TEST_IMAGES}) CIFAR-10 test images.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (config.json + model.safetensors)")
     p.add_argument("images", metavar="IMAGE", nargs="*", help="image files to explain (any format Pillow reads)")
@@ -33,7 +35,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.inspect.explain import explain_run
-    from vitlab.inspect.rundir import load_run
 
     if args.images and args.test_images is not None:
         raise VitlabError("give IMAGE paths or --test-images, not both")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VitlabError("--device cuda: no CUDA device is available here")
-    run_ = load_run(args.run_dir, device=device)
+    run_ = _load(args.run_dir, device)
     inputs = _image_inputs(args.images, run_) if args.images else \
         _test_inputs(args.data, args.test_images or DEFAULT_TEST_IMAGES, run_)
     out = Path(args.out) if args.out else Path(args.run_dir) / "explain"
@@ -59,6 +60,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {len(result.figures)} figures and {result.report}")
     return 0
+
+
+def _load(run_dir: str, device: torch.device):
+    """The run; a Swin dir through the model registry while `load_run` reads ViT (and CLIP) dirs only."""
+    from vitlab.inspect.explain_swin import load_swin_run
+    from vitlab.inspect.rundir import load_run
+    from vitlab.model.swin import SwinTransformer
+    from vitlab.weights import CONFIG_NAME, read_json
+
+    try:
+        return load_run(run_dir, device=device)
+    except VitlabError:
+        config = Path(run_dir) / CONFIG_NAME
+        if not config.is_file() or read_json(config).get("model_type") != SwinTransformer.model_type:
+            raise
+        return load_swin_run(run_dir, device=device)
 
 
 def _image_inputs(paths: list[str], run_):

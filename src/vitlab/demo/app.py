@@ -14,9 +14,10 @@ import gradio as gr
 from PIL import Image
 
 from vitlab.data import CIFAR10_CLASSES
-from vitlab.demo.explorer import CLASS_TOKEN, DEFAULT_TEMPLATES, MEAN_OF_HEADS, PATCH, Explorer
+from vitlab.demo.explorer import CLASS_TOKEN, DEFAULT_TEMPLATES, MEAN_OF_HEADS, PATCH, WINDOW_MEAN, Explorer
 from vitlab.errors import VitlabError
 from vitlab.inspect.attention import ROLLOUT_CAPTIONS
+from vitlab.inspect.windows import default_block
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 BAD_IMAGE = (VitlabError, OSError, ValueError, Image.DecompressionBombError)
@@ -44,8 +45,14 @@ def image_input(**kwargs) -> gr.Image:
 
 def build_app(ex: Explorer) -> gr.Blocks:
     cfg = ex.cfg
-    clip = ex.src.kind != "vit"
-    query_choices = [CLASS_TOKEN if cfg.class_token else PATCHES_MEAN, PATCH]
+    clip = ex.src.kind in ("clip", "siglip")
+    swin = ex.swin
+    if swin:  # blocks of every stage; heads per stage (a head a block lacks shows the mean)
+        depth, heads, first = len(ex.layout), max(b["heads"] for b in ex.layout), default_block(ex.layout) + 1
+        query_choices = [WINDOW_MEAN, PATCH]
+    else:
+        depth, heads, first = cfg.depth, cfg.heads, cfg.depth
+        query_choices = [CLASS_TOKEN if cfg.class_token else PATCHES_MEAN, PATCH]
     with gr.Blocks(title="vitlab explorer", analytics_enabled=False) as app:
         gr.Markdown(f"## vitlab explorer\n{ex.summary()}  \n`{ex.src.path}`")
         view, patch, truth = gr.State(None), gr.State(None), gr.State(None)
@@ -71,23 +78,33 @@ def build_app(ex: Explorer) -> gr.Blocks:
                 label = gr.Label(num_top_classes=5, label="Zero-shot" if clip else "Top-5", elem_id="top5",
                                  visible=clip or ex.is_classifier)
         with gr.Row():
-            caption = ROLLOUT_CAPTIONS.get(cfg.pooling, f"not defined for {cfg.pooling!r} pooling")
-            rollout = gr.Image(label=f"Attention rollout: {caption}", format="png", interactive=False,
-                               elem_id="rollout")
+            if swin:  # no rollout: attention stays in windows; the windows themselves instead
+                rollout = gr.Image(label="Windows of the chosen block's stage: regular (left), shifted (right; each "
+                                         "window that wraps around the edges in one colour)", format="png",
+                                   interactive=False, elem_id="windows")
+            else:
+                caption = ROLLOUT_CAPTIONS.get(cfg.pooling, f"not defined for {cfg.pooling!r} pooling")
+                rollout = gr.Image(label=f"Attention rollout: {caption}", format="png", interactive=False,
+                                   elem_id="rollout")
             grid = gr.Image(label=f"Patch grid at the input size ({cfg.image_size} px, {cfg.patch_size} px "
                                   "patches): click a patch to see where it looks", format="png", interactive=False,
                             elem_id="patch-grid")
         with gr.Row():
             with gr.Column(scale=1):
-                layer = gr.Slider(1, cfg.depth, value=cfg.depth, step=1, label="Layer (block)", elem_id="layer")
-                head = gr.Dropdown([MEAN_OF_HEADS, *map(str, range(1, cfg.heads + 1))], value=MEAN_OF_HEADS,
+                layer = gr.Slider(1, depth, value=first, step=1, label="Block (all stages, in order)" if swin else
+                                  "Layer (block)", elem_id="layer")
+                head = gr.Dropdown([MEAN_OF_HEADS, *map(str, range(1, heads + 1))], value=MEAN_OF_HEADS,
                                    label="Head", elem_id="head")
                 query = gr.Radio(query_choices, value=query_choices[0], label="Query", elem_id="query")
-            attention = gr.Image(label="Attention map (click a patch to query it)", format="png", interactive=False,
-                                 elem_id="attention", scale=2)
+            what = "Attention inside one window (the image centre's; click a patch to pick its window and query " \
+                "it), the rest dimmed" if swin else "Attention map (click a patch to query it)"
+            attention = gr.Image(label=what, format="png", interactive=False, elem_id="attention", scale=2)
         figure = ex.position_figure()
         if figure is not None:
             gr.Plot(figure, label="Position-embedding similarity (ViT paper, Fig. 7)", elem_id="position-similarity")
+        elif swin:
+            gr.Markdown("Swin has no absolute position embeddings (a learned relative position bias inside each window "
+                        "instead): no position-similarity figure.")
         else:
             gr.Markdown("This model has no position embeddings: no position-similarity figure.")
 
@@ -95,6 +112,8 @@ def build_app(ex: Explorer) -> gr.Blocks:
 
         def attention_map(v, p, layer_, head_, query_):
             h = None if head_ == MEAN_OF_HEADS else int(head_) - 1
+            if swin:
+                return ex.window_attention_image(v, int(layer_) - 1, h, query_, p)
             q = PATCH if query_ == PATCH and p is not None else CLASS_TOKEN
             return ex.overlay_image(v, ex.attention_row(v, int(layer_) - 1, h, q, p), patch=p if q == PATCH else None)
 
@@ -115,7 +134,8 @@ def build_app(ex: Explorer) -> gr.Blocks:
             if true_label:
                 msg += f"; true class **{true_label}**"
             return {view: v, patch: None, truth: None, label: scores,
-                    rollout: ex.overlay_image(v, v.rollout) if v.rollout is not None else None,
+                    rollout: ex.windows_image(v, int(layer_) - 1) if swin else
+                    ex.overlay_image(v, v.rollout) if v.rollout is not None else None,
                     grid: ex.patch_grid_image(v), attention: attention_map(v, None, layer_, head_, query_),
                     status: msg}
 
@@ -127,6 +147,9 @@ def build_app(ex: Explorer) -> gr.Blocks:
 
         for control in (layer, head, query):
             control.change(on_controls, [view, patch, layer, head, query], attention)
+        if swin:  # another block may be in another stage: its windows
+            layer.change(lambda v, layer_: ex.windows_image(v, int(layer_) - 1) if v is not None else None,
+                         [view, layer], rollout)
 
         def on_click(v, layer_, head_, evt: gr.SelectData):
             if v is None:

@@ -1,4 +1,5 @@
-"""What the demo page shows, computed without Gradio: predictions, rollout, attention maps, patch grid.
+"""What the demo page shows, computed without Gradio: predictions, rollout, attention maps, patch grid; for a Swin,
+its windows and shifted windows and the attention inside one window instead of the rollout.
 
 All the math is `vitlab.inspect`'s (attention, rollout, position similarity) and `vitlab.clip.zeroshot`'s;
 this module only picks the arrays for one image and paints them as PIL images at a readable size.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw
 
 from vitlab.errors import VitlabError
 from vitlab.export.source import ModelDir, open_model_dir
@@ -26,10 +27,22 @@ from vitlab.inspect.attention import (
     rollout_map,
 )
 from vitlab.inspect.posemb import position_similarity
+from vitlab.inspect.windows import (
+    WRAP_COLORS,
+    centre_patch,
+    is_swin,
+    stage_pixels,
+    stage_shift,
+    window_attention_map,
+    window_edges,
+    window_ids,
+    wrapped_windows,
+)
 
 DISPLAY_PX = 384  # images are shown at about this size: CIFAR's 32 px scaled up 12x, pixel for pixel
 MEAN_OF_HEADS = "mean"
 CLASS_TOKEN, PATCH = "class token", "clicked patch"
+WINDOW_MEAN = "mean of the window's patches"  # a Swin's query without a clicked patch
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 GRID_COLOR, PICK_COLOR = (255, 255, 255), (255, 221, 0)
 
@@ -59,7 +72,7 @@ class View:
 
     pixels: np.ndarray  # uint8 (S, S, 3): the model input before normalisation
     probs: torch.Tensor | None  # (classes,) softmax probabilities; None for CLIP / SigLIP (zero-shot instead)
-    attns: list[torch.Tensor]  # depth x (heads, N, N) attention probabilities
+    attns: list[torch.Tensor]  # depth x (heads, N, N) attention probabilities (a Swin: (nW, heads, N, N))
     rollout: torch.Tensor | None  # (gh, gw) what the pooled output draws from each patch; None if not defined
     x: torch.Tensor  # (1, 3, S, S) normalised input, for zero-shot with other classes
 
@@ -69,9 +82,11 @@ class Explorer:
 
     def __init__(self, src: ModelDir, test_images: TestImages | None = None) -> None:
         self.src = src
-        self.tower = src.model if src.kind == "vit" else src.model.vision  # the ViT whose attention is shown
+        self.tower = src.model.vision if src.kind in ("clip", "siglip") else src.model  # whose attention is shown
         self.cfg = self.tower.cfg
-        self.prefix = self.tower.num_prefix_tokens
+        self.swin = is_swin(self.tower)
+        self.layout = self.tower.block_layout() if self.swin else None  # a Swin's blocks: stage, grid, window, ...
+        self.prefix = 0 if self.swin else self.tower.num_prefix_tokens
         self.grid = self.cfg.grid_size
         self.size = self.cfg.image_size
         self.scale = max(1, -(-DISPLAY_PX // self.size))  # integer upscaling keeps the pixels square
@@ -85,7 +100,7 @@ class Explorer:
     # ---- computing --------------------------------------------------------------------------------
     @property
     def is_classifier(self) -> bool:
-        return self.src.kind == "vit" and self.cfg.num_classes > 0
+        return self.src.kind not in ("clip", "siglip") and self.cfg.num_classes > 0
 
     @property
     def class_names(self) -> list[str]:
@@ -99,6 +114,8 @@ class Explorer:
         x = self.src.preprocess.normalize(pixels[None])  # (1, 3, S, S)
         probs = self.src.model(x).float().softmax(-1)[0] if self.is_classifier else None  # predict's forward
         feats, attns = forward_with_attention(self.tower, x)  # (1, N, D), depth x (1, H, N, N)
+        if self.swin:  # attention stays in windows: nothing to roll out over the image
+            return View(pixels, probs, [a[0] for a in attns], None, x)  # blocks x (nW, heads, N, N)
         rollout = None
         if self.cfg.pooling in ROLLOUT_CAPTIONS:
             pool = pooling_attention(self.tower, feats) if self.cfg.pooling in ATTENTION_POOLINGS else None
@@ -141,6 +158,8 @@ class Explorer:
 
     def position_similarity(self) -> torch.Tensor | None:
         """(Np, Np) cosine similarities of the patch position embeddings, None for a model without them."""
+        if self.swin:  # a relative position bias inside each window instead
+            return None
         return position_similarity(self.tower) if self.tower.pos_embed is not None else None
 
     def patch_at(self, x: float, y: float) -> int:
@@ -185,6 +204,88 @@ class Explorer:
                                       outline=PICK_COLOR, width=max(2, self.scale // 3))
         return img
 
+    # ---- Swin: windows ---------------------------------------------------------------------------
+    def stage_patch(self, block: int, patch: int | None) -> tuple[int, int]:
+        """(row, col) in `block`'s stage grid of the input patch `patch` (None: the patch under the image centre)."""
+        blk = self.layout[block]
+        if patch is None:
+            return centre_patch(blk["grid"])
+        r, c = divmod(patch, self.grid)
+        return r >> blk["stage"], c >> blk["stage"]
+
+    def window_attention(self, view: View, block: int, head: int | None, query: str, patch: int | None
+                         ) -> torch.Tensor:
+        """(H, W) over `block`'s stage grid: the attention inside the window that holds `patch` (an input patch,
+        None: the image centre), from that patch (query PATCH) or averaged over the window's queries, by one head
+        (None, or one the block does not have: their mean); NaN outside the window."""
+        blk = self.layout[block]
+        maps = window_attention_map(view.attns[block], blk["grid"], blk["window"], blk["shift"],
+                                    patch=self.stage_patch(block, patch), mean_query=query != PATCH)  # (heads, H, W)
+        return maps[head] if head is not None and head < len(maps) else maps.mean(dim=0)
+
+    def _cells(self, block: int) -> tuple[int, tuple[int, int]]:
+        """(display pixels per patch of `block`'s stage, the stage grid)."""
+        blk = self.layout[block]
+        return stage_pixels(self.cfg.patch_size, blk["stage"]) * self.scale, blk["grid"]
+
+    def _draw_windows(self, img: Image.Image, ids: torch.Tensor, cell: int, *, color=GRID_COLOR, width: int = 3):
+        draw = ImageDraw.Draw(img)
+        for (x0, y0), (x1, y1) in window_edges(ids):
+            draw.line([(x0 * cell, y0 * cell), (x1 * cell, y1 * cell)], fill=color, width=width)
+        return img
+
+    def windows_image(self, view: View, block: int) -> Image.Image:
+        """The input twice, side by side: the regular windows of `block`'s stage (left) and its shifted windows
+        (right), each window that wraps around the edges tinted in one colour."""
+        cell, grid = self._cells(block)
+        blk = self.layout[block]
+        ws, shift = blk["window"], stage_shift(self.layout, blk["stage"])
+        panels = [self._draw_windows(self._base(view), window_ids(grid, ws, 0), cell)]
+        if shift:
+            ids = window_ids(grid, ws, shift)
+            tint = np.zeros((*ids.shape, 4), np.uint8)
+            for i, w in enumerate(wrapped_windows(grid, ws, shift)):
+                tint[(ids == w).numpy()] = (*ImageColor.getrgb(WRAP_COLORS[i % len(WRAP_COLORS)]), 120)
+            side = self.size * self.scale
+            layer = Image.fromarray(tint.repeat(cell, 0).repeat(cell, 1)[:side, :side], mode="RGBA")
+            img = Image.alpha_composite(self._base(view).convert("RGBA"), layer).convert("RGB")
+            panels.append(self._draw_windows(img, ids, cell))
+        gap = 16
+        out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), panels[0].height), "white")
+        for i, p in enumerate(panels):
+            out.paste(p, (i * (p.width + gap), 0))
+        return out
+
+    def window_attention_image(self, view: View, block: int, head: int | None, query: str, patch: int | None
+                               ) -> Image.Image:
+        """The input with `window_attention` over its window (turbo colours from 0 to the map's max), the rest of the
+        image dimmed, the window outlined and the query patch marked."""
+        from matplotlib import colormaps
+
+        from vitlab.inspect.plots import OVERLAY_ALPHA, OVERLAY_CMAP
+
+        cell, _ = self._cells(block)
+        heat = self.window_attention(view, block, head, query, patch).numpy()  # (H, W), NaN outside the window
+        inside = ~np.isnan(heat)
+        top = float(np.nanmax(heat)) if inside.any() else 1.0
+        side = self.size * self.scale
+        colours = colormaps[OVERLAY_CMAP](np.nan_to_num(heat) / max(top, 1e-12))[..., :3] * 255  # (H, W, 3)
+
+        def big(a: np.ndarray) -> np.ndarray:  # stage grid -> display pixels (a padded grid overhangs: cut)
+            return a.repeat(cell, 0).repeat(cell, 1)[:side, :side]
+
+        base = np.asarray(self._base(view), np.float32)
+        alpha = np.where(big(inside), OVERLAY_ALPHA, 0.0)[..., None]
+        mixed = (1 - alpha) * base + alpha * big(colours)
+        mixed[~big(inside)] *= 0.35  # outside the window: this block cannot see it
+        img = self._draw_windows(Image.fromarray(mixed.round().astype(np.uint8)), torch.as_tensor(inside).long(), cell,
+                                 color=PICK_COLOR, width=2)
+        if query == PATCH:
+            r, c = self.stage_patch(block, patch)
+            ImageDraw.Draw(img).rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1],
+                                          outline=PICK_COLOR, width=max(2, self.scale // 3))
+        return img
+
     def position_figure(self):
         """ViT Fig. 7 (centre) for this model, a matplotlib Figure; None without position embeddings."""
         from vitlab.inspect.plots import plot_position_similarity
@@ -196,7 +297,7 @@ class Explorer:
 
     def summary(self) -> str:
         what = f"{self.cfg.num_classes} classes" if self.is_classifier else \
-            f"{self.src.kind.upper()} (zero-shot)" if self.src.kind != "vit" else "no classifier"
+            f"{self.src.kind.upper()} (zero-shot)" if self.src.kind in ("clip", "siglip") else "no classifier"
         return f"{self.tower.summary()}, {what}; patches {self.cfg.patch_size} px, {self.grid}x{self.grid} grid"
 
 

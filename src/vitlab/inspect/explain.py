@@ -1,4 +1,5 @@
-"""`explain_run`: compute every view of a trained ViT, draw it to PNGs and gather them in report.html.
+"""`explain_run`: compute every view of a trained ViT (or Swin: `vitlab.inspect.explain_swin`), draw it to PNGs and
+gather them in report.html.
 
 The images are streamed in batches: predictions, embeddings and attention distances are reduced as they
 go, and full attention matrices are kept only for the few images that get drawn, so big models and many
@@ -25,6 +26,14 @@ from vitlab.inspect.attention import (
 )
 from vitlab.inspect.distance import mean_attention_distance, patch_distances
 from vitlab.inspect.embeddings import has_tsne, pca_2d, tsne_2d
+from vitlab.inspect.explain_swin import (
+    LEFT_OUT,
+    analyse_swin,
+    is_swin,
+    swin_model_rows,
+    swin_sections,
+    window_attention_figure,
+)
 from vitlab.inspect.filters import patch_filter_pca, stem_kernels
 from vitlab.inspect.images import model_inputs
 from vitlab.inspect.posemb import position_similarity
@@ -118,6 +127,19 @@ def prediction_labels(class_names: list[str], labels: torch.Tensor, preds: torch
     return out
 
 
+def window_probe_figure(model, images: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, classes: list[str], *,
+                        step: int):
+    """TensorBoard's image for a Swin (which has no rollout): the attention inside the window under the image
+    centre in stage 1's first shifted block, for uint8 `images` (B, 3, S, S) and their model inputs `x`."""
+    from vitlab.inspect.windows import default_block
+
+    logits, attns = forward_with_attention(model, x)  # (B, classes), blocks x (B, nW, heads, N, N)
+    confidence, preds = logits.float().softmax(-1).max(-1) if model.cfg.num_classes else (None, None)
+    block = default_block(model.block_layout(), 0)
+    return window_attention_figure(model, images, attns[block].cpu(), block=block, title_prefix=f"step {step}: ",
+                                   labels=prediction_labels(classes, labels, preds, confidence))
+
+
 class _Sections:
     """Collects (figure -> PNG in out_dir -> report section) in the order they are made."""
 
@@ -139,10 +161,18 @@ def explain_run(run: Run, inputs: Inputs | None, *, out_dir: str | Path, show: i
     notes = list(run.notes)
     sections = _Sections(out_dir)
     an = None
+    swin = is_swin(run.model)
     if inputs is not None and len(inputs.images):
-        an = analyse(run, inputs, show=show, batch_size=batch_size)
-        _attention_sections(run, inputs, an, sections)
-    _weight_sections(run, sections, notes)
+        an = (analyse_swin if swin else analyse)(run, inputs, show=show, batch_size=batch_size)
+        if swin:
+            swin_sections(run, inputs, an, sections, image_labels(run, inputs, an, len(an.attns[0])))
+        else:
+            _attention_sections(run, inputs, an, sections)
+    if swin:
+        notes.append(LEFT_OUT)
+        _patch_filter_section(run, sections)
+    else:
+        _weight_sections(run, sections, notes)
     if an is not None:
         _embedding_section(run, inputs, an, sections, notes)
     _run_sections(run, inputs, an, sections, notes)
@@ -225,20 +255,28 @@ def _weight_sections(run: Run, sections: _Sections, notes: list[str]) -> None:
                      "The first 3x3 convolution of the conv stem, the filters that see the pixels (as the first "
                      "layer of a CNN), strongest (L2 norm) first, each tile min-max scaled.")
         return
+    _patch_filter_section(run, sections)
+
+
+def _patch_filter_section(run: Run, sections: _Sections) -> None:
+    """Principal components of the patch projection (a ViT's or a Swin's: both embed P x P patches with one conv)."""
+    from vitlab.inspect import plots
+
+    model, cfg = run.model, run.model.cfg
     fp = patch_filter_pca(model, k=28)
     C, P = cfg.in_channels, cfg.patch_size
     sections.add(plots.plot_patch_filters(fp.components.reshape(-1, C, P, P),
                                           explained_variance_ratio=fp.explained_variance_ratio),
                  "patch_filters.png", "Patch embedding filters",
-                 f"Principal components of the {cfg.width} patch-projection filters ({C}x{P}x{P}), each tile "
-                 "min-max scaled (ViT paper Fig. 7 left).")
+                 f"Principal components of the {model.patch_embed.proj.out_channels} patch-projection filters "
+                 f"({C}x{P}x{P}), each tile min-max scaled (ViT paper Fig. 7 left).")
 
 
 def _embedding_section(run: Run, inputs: Inputs, an: Analysis, sections: _Sections, notes: list[str]) -> None:
     """Pre-logit embeddings in 2-D (PCA, and t-SNE with scikit-learn), coloured by class."""
     from vitlab.inspect import plots
 
-    pooling = run.model.cfg.pooling
+    pooling = getattr(run.model.cfg, "pooling", None) or run.model.cfg.global_pool  # ViT or Swin
     known = inputs.labels >= 0
     colored_by = "true class" if bool(known.all()) else "predicted class" if an.preds is not None else None
     if len(an.embeddings) < 3 or colored_by is None:
@@ -292,11 +330,14 @@ def _token_words(cfg) -> str:
 
 def _summary(run: Run, inputs: Inputs | None, an: Analysis | None) -> list[tuple[str, str]]:
     cfg = run.model.cfg
-    rows = [("run", str(run.path)),
-            ("model", f"{run.model.summary()}, MLP {cfg.mlp_dim}"),
-            ("tokens", f"{cfg.image_size}x{cfg.image_size} images, {cfg.patch_size}x{cfg.patch_size} patches "
-                       f"({cfg.num_patches}), class token: {'yes' if cfg.class_token else 'no'}, "
-                       f"registers: {cfg.reg_tokens}, pooling: {cfg.pooling}, positions: {cfg.pos_embed}")]
+    rows = [("run", str(run.path))]
+    if is_swin(run.model):
+        rows += swin_model_rows(run.model)
+    else:
+        rows += [("model", f"{run.model.summary()}, MLP {cfg.mlp_dim}"),
+                 ("tokens", f"{cfg.image_size}x{cfg.image_size} images, {cfg.patch_size}x{cfg.patch_size} patches "
+                            f"({cfg.num_patches}), class token: {'yes' if cfg.class_token else 'no'}, "
+                            f"registers: {cfg.reg_tokens}, pooling: {cfg.pooling}, positions: {cfg.pos_embed}")]
     if inputs is not None:
         rows.append(("images", f"{len(inputs.images)} ({inputs.source})"))
         known = inputs.labels >= 0

@@ -33,7 +33,7 @@ from vitlab.inspect.attention import (
     rollout_map,
     to_grid,
 )
-from vitlab.inspect.explain import prediction_labels
+from vitlab.inspect.explain import is_swin, prediction_labels, window_probe_figure
 from vitlab.train.callbacks import Callback
 from vitlab.train.metrics import figures
 
@@ -92,6 +92,8 @@ class RolloutProbe:
         plots = figures()
         if plots is None:
             return None
+        if is_swin(vision_tower(model)):  # no rollout across Swin's windows: the attention inside one window instead
+            return window_probe_figure(vision_tower(model), self.images, self.x, self.labels, self.classes, step=step)
         heat, probs = self.maps(model)
         confidence, preds = probs.max(-1) if probs is not None else (None, None)
         labels = prediction_labels(self.classes, self.labels, preds, confidence)
