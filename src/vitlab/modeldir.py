@@ -30,6 +30,7 @@ from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, read_json
 
 KIND_WORDS = {"vit": "ViT", "swin": "Swin Transformer", "teacher": "CNN teacher", "clip": "CLIP model",
               "siglip": "SigLIP model"}
+CLIP_KINDS = ("clip", "siglip")  # two towers and a tokenizer: they classify zero-shot, without a head
 NOT_FOUND = "not a model directory (config.json + model.safetensors) nor a .safetensors file"
 
 
@@ -40,7 +41,7 @@ class ModelDir:
     model: nn.Module  # in eval mode, on the CPU
     preprocess: ImagePreprocess  # image -> model input, as `vitlab predict` prepares it
     class_names: list[str] | None = None  # None: the dir names no classes (see `labels`)
-    tokenizer: object | None = None  # CLIP / SigLIP: texts -> input_ids
+    tokenizer: object | None = None  # CLIP / SigLIP: texts -> input_ids (None when opened with tokenizer=False)
     origin: str = "vitlab"  # who wrote it: vitlab | vitlab_clip | hf_vit | hf_clip | hf_<model_type> | timm
     files: list[Path] = field(default_factory=list)  # the weights files read
     record: dict | None = None  # train_config.json of a run dir (the trainer's resolved config, plan, data)
@@ -49,7 +50,11 @@ class ModelDir:
     @property
     def num_classes(self) -> int:
         """Classifier outputs; 0 for a feature extractor and for CLIP / SigLIP (zero-shot, no classifier)."""
-        return 0 if self.kind in ("clip", "siglip") else int(getattr(self.model.cfg, "num_classes", 0))
+        return 0 if self.is_clip else int(getattr(self.model.cfg, "num_classes", 0))
+
+    @property
+    def is_clip(self) -> bool:
+        return self.kind in CLIP_KINDS
 
     @property
     def labels(self) -> list[str]:
@@ -69,11 +74,12 @@ class ModelDir:
         return self
 
 
-def open_model_dir(path: str | Path, *, variant: str | None = None) -> ModelDir:
+def open_model_dir(path: str | Path, *, variant: str | None = None, tokenizer: bool = True) -> ModelDir:
     """Load what `path` holds (see the module docstring); every problem is a one-line VitlabError.
 
     `variant` describes a timm checkpoint that has no config.json (e.g. "Ti/16"); a config.json that
-    describes the model excludes it.
+    describes the model excludes it. `tokenizer=False`: a CLIP / SigLIP dir's tokenizer is not loaded (nor
+    required), for uses of the image tower alone.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -89,9 +95,9 @@ def open_model_dir(path: str | Path, *, variant: str | None = None) -> ModelDir:
     if model_type is None and (variant or config.get("architecture")):
         md = _open_timm(path, config, variant)
     elif model_type is None or model_type.startswith("vitlab_"):
-        md = _open_vitlab(folder, model_type)
+        md = _open_vitlab(folder, model_type, tokenizer)
     else:
-        md = _open_hf(folder, config)
+        md = _open_hf(folder, config, tokenizer)
     md.model.float().eval()
     if (folder / RUN_CONFIG).is_file() and path.is_dir():
         md.record = dict(read_json(folder / RUN_CONFIG))
@@ -99,7 +105,7 @@ def open_model_dir(path: str | Path, *, variant: str | None = None) -> ModelDir:
 
 
 # ---- vitlab dirs ---------------------------------------------------------------------------------------------
-def _open_vitlab(folder: Path, model_type: str | None) -> ModelDir:
+def _open_vitlab(folder: Path, model_type: str | None, tokenizer: bool) -> ModelDir:
     from vitlab.clip.model import MODEL_TYPE as CLIP_TYPE
     from vitlab.distill import TeacherNet
     from vitlab.model.registry import MODEL_CLASSES, load_pretrained
@@ -107,7 +113,7 @@ def _open_vitlab(folder: Path, model_type: str | None) -> ModelDir:
     files = [folder / WEIGHTS_NAME]
     notes: list[str] = []
     if model_type == CLIP_TYPE:
-        return _open_clip(folder, origin="vitlab_clip")
+        return _open_clip(folder, origin="vitlab_clip", tokenizer=tokenizer)
     if model_type == TeacherNet.model_type:
         model = TeacherNet.from_pretrained(folder)
         if not (folder / PREPROCESSOR_NAME).is_file():
@@ -145,7 +151,7 @@ def run_preprocess(folder: str | Path, *, image_size: int | None = None, notes: 
     return dataclasses.replace(pre, backend="pil")
 
 
-def _open_clip(folder: Path, *, origin: str, model=None, config: dict | None = None) -> ModelDir:
+def _open_clip(folder: Path, *, origin: str, tokenizer: bool, model=None, config: dict | None = None) -> ModelDir:
     """A CLIP / SigLIP dir (vitlab's keeps tokenizer and preprocessing in config.json, Hugging Face's in files)."""
     from vitlab.clip.model import CLIPModel
     from vitlab.clip.tokenizer import load_tokenizer
@@ -159,7 +165,8 @@ def _open_clip(folder: Path, *, origin: str, model=None, config: dict | None = N
         pre = _hf_preprocess(folder)
     if isinstance(model, CLIPModel):
         kind, size = model.kind, model.cfg.vision.image_size
-        tokenizer = load_tokenizer(folder, config.get("tokenizer"), context_length=model.cfg.text.context_length)
+        tokenizer = load_tokenizer(folder, config.get("tokenizer"), context_length=model.cfg.text.context_length) \
+            if tokenizer else None
     else:  # a Hugging Face vision tower alone: a ViT feature extractor
         kind, size, tokenizer = "vit", model.cfg.image_size, None
     if pre is None:  # the family's own preprocessing
@@ -182,7 +189,7 @@ def hf_class_names(config: dict, num_classes: int) -> list[str] | None:
     return names if names and None not in names and names != default else None
 
 
-def _open_hf(folder: Path, config: dict) -> ModelDir:
+def _open_hf(folder: Path, config: dict, tokenizer: bool) -> ModelDir:
     from vitlab.convert.files import locate, read_weights
     from vitlab.convert.hf_clip import _MODEL_TYPES as HF_CLIP_TYPES
 
@@ -191,7 +198,8 @@ def _open_hf(folder: Path, config: dict) -> ModelDir:
     if model_type in HF_CLIP_TYPES:
         from vitlab.convert.hf_clip import convert_hf_clip
 
-        md = _open_clip(folder, origin="hf_clip", model=convert_hf_clip(read_weights(files), config), config=config)
+        model = convert_hf_clip(read_weights(files), config)
+        md = _open_clip(folder, origin="hf_clip", tokenizer=tokenizer, model=model, config=config)
         md.files = files
         return md
     if model_type == "vit":

@@ -99,7 +99,7 @@ def _describe_dir(path: Path, overrides: dict, args: argparse.Namespace) -> int:
     from vitlab.model import ViTConfig
     from vitlab.modeldir import open_model_dir
 
-    md = open_model_dir(path)
+    md = open_model_dir(path, tokenizer=False)
     source = ("source", f"{md.path} ({md.what}, read as {md.origin})")
     if isinstance(md.model.cfg, ViTConfig):  # a Hugging Face / timm ViT, or a vision tower alone
         return _print_vit(dataclasses.replace(md.model.cfg, **overrides), args, source=source)
@@ -120,17 +120,18 @@ def _meta_model(cfg):
 def _print_model(model, args: argparse.Namespace, *, kind: str, source: tuple[str, str] | None = None,
                  md=None) -> int:
     """Kinds without the ViT's cost model: what the model is, its parameters, input and classes."""
+    from vitlab.modeldir import CLIP_KINDS
+
     params = model.num_params()
     info = {"name": getattr(model.cfg, "name", "") or kind, "kind": kind, "parameters": params,
             "summary": model.summary() if hasattr(model, "summary") else kind}
     rows = [("model", info["summary"]), *([source] if source else [])]
-    if kind in ("clip", "siglip"):
+    if kind in CLIP_KINDS:
         v, t = model.cfg.vision, model.cfg.text
         info.update(embed_dim=model.cfg.embed_dim, image_size=v.image_size, vision=v.summary(model.vision.num_params()),
                     text=f"{t.width}w {t.depth}d {t.heads}h, context {t.context_length}, vocabulary {t.vocab_size}")
         rows[0] = ("model", f"{kind.upper()}: image and text towers, {model.cfg.embed_dim}-d embeddings")
-        rows += [("vision tower", info["vision"]), ("text tower", info["text"]),
-                 ("tokenizer", type(md.tokenizer).__name__ if md is not None else "-")]
+        rows += [("vision tower", info["vision"]), ("text tower", info["text"])]
     else:
         info["num_classes"] = int(getattr(model.cfg, "num_classes", 0))
         rows.append(("classes", str(info["num_classes"])))

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitlab.clip.zeroshot import fill_template, zero_shot_classifier, zero_shot_predict
-    from vitlab.modeldir import open_model_dir
+    from vitlab.modeldir import CLIP_KINDS, open_model_dir
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(classes) < 2:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     templates = read_templates(args.templates)
     for t in templates:
         fill_template(t, "x")  # fail early on a template without a placeholder
-    md = open_model_dir(args.model_dir).require(("clip", "siglip"), "vitlab zeroshot")
+    md = open_model_dir(args.model_dir).require(CLIP_KINDS, "vitlab zeroshot")
     model, tokenizer, preprocess = md.model, md.tokenizer, md.preprocess
     classifier = zero_shot_classifier(model, tokenizer, classes, templates)
     k = min(args.top_k, len(classes))

@@ -30,11 +30,11 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
 
     A CLIP/SigLIP model directory works too: its image tower (a ViT without classifier) is explained.
     """
-    md = open_model_dir(path)
+    md = open_model_dir(path, tokenizer=False)  # a CLIP / SigLIP dir: its image tower is explained
     if md.kind == "teacher":
         raise VitlabError(f"{md.path} holds a CNN teacher: vitlab explain draws a transformer's attention, which a "
                           "CNN has not (predict and eval take it)")
-    if md.tokenizer is not None:  # CLIP / SigLIP
+    if md.is_clip:
         run = Run(md.path, md.model.vision.to(device).eval(), [], md.preprocess, notes=md.notes)
         run.notes.append(f"the image tower of a {md.kind.upper()} model: no classifier, so no predictions")
         return run

@@ -139,7 +139,7 @@ def _evaluate_run(run_dir: Path, *, data, split: str, batch_size: int, device: s
     md = open_model_dir(run_dir)
     if not md.num_classes:
         raise VitlabError(f"{run_dir} holds a {md.what} without a classifier: nothing to evaluate"
-                          + ("; `vitlab zeroshot` classifies by class names" if md.tokenizer else ""))
+                          + ("; `vitlab zeroshot` classifies by class names" if md.is_clip else ""))
     notes.extend(md.notes)
     model, pre = md.model, md.preprocess
     record = md.record or {}

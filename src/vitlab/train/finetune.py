@@ -38,8 +38,8 @@ def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionT
     """The pretrained ViT in SRC (opened by `vitlab.modeldir.open_model_dir`, as every command opens a model) and
     {"source", "kind", "files": {file name: sha256}, "variant"} describing it."""
     path = Path(src).expanduser()
-    md = open_model_dir(path, variant=variant)
-    model = md.model.vision if md.tokenizer is not None else md.model  # CLIP / SigLIP: the image tower
+    md = open_model_dir(path, variant=variant, tokenizer=False)
+    model = md.model.vision if md.is_clip else md.model  # CLIP / SigLIP: the image tower
     if not isinstance(model, VisionTransformer):
         raise VitlabError(f"{path} holds a {md.what}; fine-tuning starts from a ViT (vitlab, Hugging Face ViT / "
                           "CLIP / SigLIP, or timm)")

@@ -43,7 +43,7 @@ def predict(run_dir: str | Path, paths: list[str | Path], *, top_k: int = 5, bat
     md = open_model_dir(run_dir)
     if not md.num_classes:  # a feature extractor, or CLIP / SigLIP (no classifier head)
         raise VitlabError(f"{md.path} holds a {md.what} without a classifier: nothing to predict"
-                          + ("; classify by class names with `vitlab zeroshot`" if md.tokenizer else ""))
+                          + ("; classify by class names with `vitlab zeroshot`" if md.is_clip else ""))
     if notes is not None:
         notes.extend(md.notes)
     names = md.labels
