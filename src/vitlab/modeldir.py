@@ -84,6 +84,10 @@ def open_model_dir(path: str | Path, *, variant: str | None = None, tokenizer: b
     path = Path(path).expanduser()
     if not path.exists():
         raise VitlabError(f"{path} not found: {NOT_FOUND}")
+    if path.is_file():  # a .safetensors file (pickles and other files are refused, each in its own words)
+        from vitlab.convert.files import locate
+
+        locate(path)
     folder = path if path.is_dir() else path.parent
     config = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
     if config is None and variant is None:
