@@ -205,6 +205,8 @@ def parse_variant(variant: str, **overrides) -> ViTConfig:
     if m["patch"]:
         kw["patch_size"] = int(m["patch"])
     check_fields(ViTConfig, overrides, "ViTConfig")
-    kw.update(overrides)
+    text = {f.name for f in dataclasses.fields(ViTConfig) if isinstance(f.default, str)}
+    # `--model-arg pos_embed=none` arrives as None: for a text field it is the word (pos_embed's "none")
+    kw.update({k: "none" if v is None and k in text else v for k, v in overrides.items()})
     kw.setdefault("name", variant)
     return ViTConfig(**kw)
