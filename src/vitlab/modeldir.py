@@ -150,9 +150,14 @@ def run_preprocess(folder: str | Path, *, image_size: int | None = None, notes: 
                          "with mean = std = 0.5 (the Hugging Face ViT default)")
         return ImagePreprocess(size=image_size, resize="square", crop_size=None, mean=HALF, std=HALF, backend="pil")
     pre = ImagePreprocess.from_hf(read_preprocessor_config(folder))
-    if image_size is not None and pre.output_size != image_size:  # the model decides its input size
-        pre = dataclasses.replace(pre, size=image_size, crop_size=image_size if pre.crop_size else None)
-    return dataclasses.replace(pre, backend="pil")
+    return dataclasses.replace(at_size(pre, image_size), backend="pil")
+
+
+def at_size(pre: ImagePreprocess, image_size: int | None) -> ImagePreprocess:
+    """`pre` with its output at the model's input size (the model decides; None: as it is)."""
+    if image_size is None or pre.output_size == image_size:
+        return pre
+    return dataclasses.replace(pre, size=image_size, crop_size=image_size if pre.crop_size else None)
 
 
 def _open_clip(folder: Path, *, origin: str, tokenizer: bool, model=None, config: dict | None = None) -> ModelDir:
@@ -213,10 +218,9 @@ def _open_hf(folder: Path, config: dict, tokenizer: bool) -> ModelDir:
     else:
         model, origin = _convert_with_transformers(folder, config), f"hf_{model_type}"
     notes: list[str] = []
-    pre = _hf_preprocess(folder) or run_preprocess(folder, image_size=model.cfg.image_size, notes=notes)
-    if pre.output_size != model.cfg.image_size:
-        pre = dataclasses.replace(pre, size=model.cfg.image_size, crop_size=model.cfg.image_size if pre.crop_size
-                                  else None)
+    hf_pre = _hf_preprocess(folder)  # transformers' own processor, as its pipelines prepare images
+    pre = at_size(hf_pre, model.cfg.image_size) if hf_pre else \
+        run_preprocess(folder, image_size=model.cfg.image_size, notes=notes)
     kind = type(model).model_type.removeprefix("vitlab_")
     return ModelDir(folder, kind, model, pre, hf_class_names(config, model.cfg.num_classes), origin=origin,
                     files=files, notes=notes)
