@@ -198,11 +198,10 @@ def test_info(case, runs, capsys):
 @pytest.mark.parametrize("case", CASES)
 def test_tensorboard_rollout_image(case, runs):
     pytest.importorskip("matplotlib")
-    from vitlab.model import VisionTransformer
     from vitlab.train.tensorboard import RolloutProbe
 
-    probe = RolloutProbe(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1]),
-                         [f"c{i}" for i in range(10)], mean=(0.5,) * 3, std=(0.25,) * 3)
+    probe = RolloutProbe(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1]), NAMES,
+                         mean=(0.5,) * 3, std=(0.25,) * 3)
     img = probe.image(VisionTransformer.from_pretrained(runs[case]), step=1)
     assert img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
 
