@@ -97,7 +97,7 @@ def test_teacher_run_evaluates_and_summarises(teacher_run, tmp_path, tiny_cifar,
 
 @pytest.mark.parametrize("argv, words", [
     (["explain", "{run}"], "holds a CNN teacher: vitlab explain draws a transformer's attention"),
-    (["export", "{run}", "{tmp}/out", "--to", "onnx"], "holds a CNN teacher; vitlab export takes a ViT"),
+    (["export", "{run}", "{tmp}/out", "--to", "onnx"], "vitlab export takes a ViT, Swin Transformer"),
     (["zeroshot", "{run}", "--classes", "a,b", "{tmp}/x.png"], "holds a CNN teacher; vitlab zeroshot takes a CLIP"),
 ])
 def test_what_a_teacher_lacks_is_one_line(teacher_run, tmp_path, capsys, argv, words):
@@ -108,7 +108,7 @@ def test_what_a_teacher_lacks_is_one_line(teacher_run, tmp_path, capsys, argv, w
 def test_the_demo_refuses_a_teacher_in_one_line(teacher_run):
     from vitlab.demo.explorer import Explorer
 
-    with pytest.raises(VitlabError, match="holds a CNN teacher; vitlab demo takes a ViT"):
+    with pytest.raises(VitlabError, match="holds a CNN teacher; vitlab demo takes a ViT, Swin Transformer"):
         Explorer.open(teacher_run)
 
 

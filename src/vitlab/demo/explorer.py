@@ -79,7 +79,7 @@ class Explorer:
 
     @classmethod
     def open(cls, model_dir: str | Path, *, data: str | Path | None = None) -> Explorer:
-        src = open_model_dir(model_dir).require(("vit", "clip", "siglip"), "vitlab demo")
+        src = open_model_dir(model_dir).require(("vit", "swin", "clip", "siglip"), "vitlab demo")
         return cls(src, find_test_images(src, data))
 
     # ---- computing --------------------------------------------------------------------------------

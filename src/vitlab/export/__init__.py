@@ -25,7 +25,7 @@ from vitlab.weights import _umask, read_json, write_json
 FORMATS = ("hf", "timm", "onnx")
 # library that loads each format back, for the check
 CHECKED_WITH = {"hf": "transformers", "timm": "timm", "onnx": "onnxruntime"}
-EXPORTABLE = ("vit", "clip", "siglip")  # the kinds of model dir (vitlab.modeldir) the formats write
+EXPORTABLE = ("vit", "swin", "clip", "siglip")  # the kinds of model dir (vitlab.modeldir) the formats write
 TOLERANCE = 1e-4  # fp32 outputs of the export vs ours; more is a bug in the export, not float rounding
 
 
