@@ -21,6 +21,7 @@ LAYERS = {
     "vitlab.data": 2,
     "vitlab.train.distributed": 3, "vitlab.clip.distributed": 3,
     "vitlab.train": 4, "vitlab.clip.train": 4,
+    "vitlab.modeldir": 4,  # opens any model dir for train (predict, eval, --init), inspect, export, demo, cli
     "vitlab.inspect": 5, "vitlab.convert": 5, "vitlab.export": 5, "vitlab.bench": 5,
     "vitlab.demo": 6,
     "vitlab.cli": 7, "vitlab.__main__": 7,
@@ -31,10 +32,10 @@ KNOWN_UPWARD = {
     ("vitlab.train.tensorboard", "vitlab.inspect.attention"),  # TensorBoard shows the rollout while training
     ("vitlab.train.tensorboard", "vitlab.inspect.explain"),
     ("vitlab.train.tensorboard", "vitlab.inspect.plots"),
-    ("vitlab.train.finetune", "vitlab.convert.hf_vit"),  # fine-tuning starts from converted timm / HF weights
-    ("vitlab.train.finetune", "vitlab.convert.hf_clip"),
-    ("vitlab.train.finetune", "vitlab.convert.files"),
-    ("vitlab.clip.zeroshot", "vitlab.convert.hf_clip"),  # load_model_dir opens a Hugging Face CLIP dir too
+    ("vitlab.modeldir", "vitlab.convert"),  # the one opener reads Hugging Face / timm dirs by converting them
+    ("vitlab.modeldir", "vitlab.convert.files"),
+    ("vitlab.modeldir", "vitlab.convert.hf_vit"),
+    ("vitlab.modeldir", "vitlab.convert.hf_clip"),
 }
 
 

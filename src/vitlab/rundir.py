@@ -2,7 +2,7 @@
 
 `preprocessor_config.json` says how to turn any image into the model's input, in Hugging Face's format:
 written in `ViTImageProcessor` style so `transformers.ViTImageProcessor.from_pretrained(run_dir)` reads it
-and produces the same pixels as `vitlab predict` (see `vitlab.train.predict.preprocess`).
+and produces the same pixels as `vitlab predict` (see `vitlab.modeldir.run_preprocess`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from PIL import Image
 
 from vitlab.cli import main
 from vitlab.clip.tokenizer import ByteTokenizer
-from vitlab.clip.zeroshot import load_model_dir, zero_shot_classifier, zero_shot_predict
+from vitlab.clip.zeroshot import zero_shot_classifier, zero_shot_predict
+from vitlab.modeldir import open_model_dir
 from vitlab.preprocess import siglip_preprocess
 
 
@@ -71,7 +72,8 @@ def test_zeroshot_on_a_hugging_face_dir_matches_transformers(tmp_path, capsys):
     paths = _images(tmp_path, n=3, size=(50, 37))
     classes = ["cat", "dog", "ship"]
 
-    model, tokenizer, preprocess = load_model_dir(tmp_path / "hf")
+    md = open_model_dir(tmp_path / "hf")
+    model, tokenizer, preprocess = md.model, md.tokenizer, md.preprocess
     ours = zero_shot_predict(model, zero_shot_classifier(model, tokenizer, classes, ["a photo of a {}"]),
                              preprocess(paths))
     with torch.no_grad():
@@ -100,7 +102,8 @@ def test_train_clip_few_steps_writes_a_usable_dir(cifar_dir, tmp_path, capsys):
     record = json.loads((out / "train_config.json").read_text())
     assert record["task"] == "clip" and record["config"]["loss"] == "clip" and record["plan"]["total_steps"] == 3
     assert (out / "checkpoint" / "latest.json").is_file()
-    model, tokenizer, preprocess = load_model_dir(out)
+    md = open_model_dir(out)
+    model, tokenizer, preprocess = md.model, md.tokenizer, md.preprocess
     assert model.kind == "clip" and isinstance(tokenizer, ByteTokenizer) and preprocess.output_size == 32
     from vitlab.data import load_cifar10
 

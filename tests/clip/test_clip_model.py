@@ -8,9 +8,10 @@ import torch
 
 from vitlab.clip import CLIPConfig, CLIPModel, SigLIPModel, TextConfig, create_clip
 from vitlab.clip.tokenizer import ByteTokenizer
-from vitlab.clip.zeroshot import fill_template, load_model_dir, zero_shot_classifier, zero_shot_predict
+from vitlab.clip.zeroshot import fill_template, zero_shot_classifier, zero_shot_predict
 from vitlab.errors import VitlabError
 from vitlab.model.config import ViTConfig
+from vitlab.modeldir import open_model_dir
 from vitlab.preprocess import siglip_preprocess
 
 TOK = ByteTokenizer(context_length=24)
@@ -90,7 +91,9 @@ def test_save_load_round_trip(kind, tmp_path):
     model.save_pretrained(tmp_path, tokenizer=TOK, preprocess=siglip_preprocess(16))
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "vitlab_clip" and cfg["kind"] == kind and cfg["tokenizer"]["type"] == "bytes"
-    loaded, tok, pre = load_model_dir(tmp_path)
+    md = open_model_dir(tmp_path)
+    loaded, tok, pre = md.model, md.tokenizer, md.preprocess
+    assert md.kind == kind and md.origin == "vitlab_clip"
     assert type(loaded) is type(model) and pre == siglip_preprocess(16)
     assert isinstance(tok, ByteTokenizer) and tok.context_length == 24
     x, ids = torch.randn(2, 3, 16, 16), tok(["a", "b c"])
@@ -101,12 +104,14 @@ def test_save_load_round_trip(kind, tmp_path):
         CLIPModel.from_pretrained(tmp_path)
 
 
-def test_load_rejects_a_vit_dir(tmp_path):
+def test_zeroshot_rejects_a_vit_dir_in_one_line(tmp_path, capsys):
+    from vitlab.cli import main
     from vitlab.model import create_model
 
     create_model("tutorial").save_pretrained(tmp_path)
-    with pytest.raises(VitlabError, match="model_type"):
-        load_model_dir(tmp_path)
+    assert main(["zeroshot", str(tmp_path), "--classes", "a,b", "x.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vitlab zeroshot: error: {tmp_path} holds a ViT; vitlab zeroshot takes a CLIP model, SigLIP model"]
 
 
 def test_zero_shot_classifier_and_predict():

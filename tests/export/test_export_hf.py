@@ -130,14 +130,15 @@ def _clip_inputs(kind: str):
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_clip_and_siglip_match_transformers(kind, clip_dir, tmp_path):
     transformers = transformers_or_skip()
-    from vitlab.clip.zeroshot import load_model_dir
+    from vitlab.modeldir import open_model_dir
 
     src = clip_dir(kind, logit_scale=5.0)  # above ln(100): vitlab's CLIP clamps the scale, transformers does not
     result = export_model(src, tmp_path / "hf", to="hf")
     assert any("tokenizer" in n for n in result.notes)
     hf = transformers.AutoModel.from_pretrained(result.out).eval()
     assert type(hf).__name__ == {"clip": "CLIPModel", "siglip": "SiglipModel"}[kind]
-    ours, _, pre = load_model_dir(src)
+    md = open_model_dir(src)
+    ours, pre = md.model, md.preprocess
     x, ids = _clip_inputs(kind)
     with torch.no_grad():
         res = hf(pixel_values=x, input_ids=ids)

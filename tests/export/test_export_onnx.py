@@ -36,12 +36,13 @@ def test_onnxruntime_matches_with_a_dynamic_batch(overrides, vit_dir, tmp_path):
 
 def test_clip_exports_both_encoders(clip_dir, tmp_path):
     ort = onnx_or_skip()
-    from vitlab.clip.zeroshot import load_model_dir
+    from vitlab.modeldir import open_model_dir
 
     src = clip_dir("clip")
     result = export_model(src, tmp_path / "onnx", to="onnx")
     assert result.max_diff is not None and result.max_diff < 1e-4
-    model, tokenizer, _ = load_model_dir(src)
+    md = open_model_dir(src)
+    model, tokenizer = md.model, md.tokenizer
     image = ort.InferenceSession(str(result.out / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
     text = ort.InferenceSession(str(result.out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
     x, ids = torch.randn(4, 3, 32, 32), tokenizer(["a cat", "a photo of a dog", "x"])

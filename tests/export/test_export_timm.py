@@ -69,7 +69,7 @@ def test_timm_refuses_a_checkpoint_that_does_not_fit(vit_dir, tmp_path):
 
 def test_timm_preprocessing_gives_vitlab_pixels(vit_dir, tmp_path):
     timm = timm_or_skip()
-    from vitlab.export.source import open_model_dir
+    from vitlab.modeldir import open_model_dir
 
     run = vit_dir()
     out = export_model(run, tmp_path / "timm", to="timm", check=False).out

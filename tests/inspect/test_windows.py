@@ -233,9 +233,10 @@ def test_explain_swin_on_test_images(matplotlib, tmp_path, tiny_cifar):
 
 def test_explain_numbers_are_the_library_functions(tmp_path):
     from vitlab.inspect.explain import Inputs
-    from vitlab.inspect.explain_swin import analyse_swin, load_swin_run
+    from vitlab.inspect.explain_swin import analyse_swin
+    from vitlab.inspect.rundir import load_run
 
-    run = load_swin_run(make_swin_run(tmp_path / "run", depths=(2, 2)))
+    run = load_run(make_swin_run(tmp_path / "run", depths=(2, 2)))
     images = (torch.rand(5, 3, 32, 32) * 255).to(torch.uint8)
     an = analyse_swin(run, Inputs(images, torch.full((5,), -1), "random"), show=2, batch_size=2)
     x = model_inputs(run.preprocess, images)

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from vitlab.model import create_model
+from vitlab.modeldir import run_preprocess
 from vitlab.rundir import read_preprocessor_config, write_preprocessor_config
-from vitlab.train.predict import load_image, predict, preprocess
+from vitlab.train.predict import load_image, predict
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -40,9 +41,9 @@ def odd_images(folder):
 def test_preprocess_matches_hf_vit_image_processor(run_dir, tmp_path):
     vit_pil = pytest.importorskip("transformers.models.vit.image_processing_pil_vit")
     hf = vit_pil.ViTImageProcessorPil.from_pretrained(run_dir)
-    proc = read_preprocessor_config(run_dir)
+    pre = run_preprocess(run_dir)  # what predict applies
     for path in odd_images(tmp_path):
-        ours = preprocess([load_image(path)], proc)  # (1, 3, 32, 32)
+        ours = pre([load_image(path)])  # (1, 3, 32, 32)
         with Image.open(path) as im:
             ref = hf(images=im, return_tensors="pt")["pixel_values"]
         assert ours.shape == ref.shape == (1, 3, 32, 32)
@@ -54,7 +55,7 @@ def test_predict_top_k(run_dir, tmp_path):
     preds = predict(run_dir, paths, top_k=3)
     assert [p.path for p in preds] == [str(p) for p in paths]
     model = create_model("test", seed=0).eval()
-    x = preprocess([load_image(p) for p in paths], read_preprocessor_config(run_dir))
+    x = run_preprocess(run_dir)([load_image(p) for p in paths])
     with torch.no_grad():
         probs = model(x).softmax(-1)  # (5, 10)
     for i, p in enumerate(preds):

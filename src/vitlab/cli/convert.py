@@ -49,16 +49,15 @@ def _convert_hf(state: dict, config: dict | None, args: argparse.Namespace):
                           "a Hugging Face config.json already describes the model")
     if config is None:
         raise VitlabError(f"no {CONFIG_NAME} next to the weights; Hugging Face conversion needs it")
+    from vitlab.modeldir import hf_class_names
+
     if config.get("model_type") == "swin":
         from vitlab.convert.hf_swin import from_hf_swin_state_dict
 
         model = from_hf_swin_state_dict(state, config)
     else:
         model = from_hf_vit_state_dict(state, config)
-    id2label = config.get("id2label") or {}
-    names = [id2label.get(str(i)) for i in range(model.cfg.num_classes)]
-    default = [f"LABEL_{i}" for i in range(len(names))]  # transformers' placeholders are not class names
-    return model, names if names and None not in names and names != default else None
+    return model, hf_class_names(config, model.cfg.num_classes)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VitlabError("--device cuda: no CUDA device is available here")
-    run_ = _load(args.run_dir, device)
+    from vitlab.inspect.rundir import load_run
+
+    run_ = load_run(args.run_dir, device=device)
     inputs = _image_inputs(args.images, run_) if args.images else \
         _test_inputs(args.data, args.test_images or DEFAULT_TEST_IMAGES, run_)
     out = Path(args.out) if args.out else Path(args.run_dir) / "explain"
@@ -60,22 +62,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {len(result.figures)} figures and {result.report}")
     return 0
-
-
-def _load(run_dir: str, device: torch.device):
-    """The run; a Swin dir through the model registry while `load_run` reads ViT (and CLIP) dirs only."""
-    from vitlab.inspect.explain_swin import load_swin_run
-    from vitlab.inspect.rundir import load_run
-    from vitlab.model.swin import SwinTransformer
-    from vitlab.weights import CONFIG_NAME, read_json
-
-    try:
-        return load_run(run_dir, device=device)
-    except VitlabError:
-        config = Path(run_dir) / CONFIG_NAME
-        if not config.is_file() or read_json(config).get("model_type") != SwinTransformer.model_type:
-            raise
-        return load_swin_run(run_dir, device=device)
 
 
 def _image_inputs(paths: list[str], run_):

@@ -38,7 +38,8 @@ def read_templates(path: str | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitlab.clip.zeroshot import fill_template, load_model_dir, zero_shot_classifier, zero_shot_predict
+    from vitlab.clip.zeroshot import fill_template, zero_shot_classifier, zero_shot_predict
+    from vitlab.modeldir import CLIP_KINDS, open_model_dir
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(classes) < 2:
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     templates = read_templates(args.templates)
     for t in templates:
         fill_template(t, "x")  # fail early on a template without a placeholder
-    model, tokenizer, preprocess = load_model_dir(args.model_dir)
+    md = open_model_dir(args.model_dir).require(CLIP_KINDS, "vitlab zeroshot")
+    model, tokenizer, preprocess = md.model, md.tokenizer, md.preprocess
     classifier = zero_shot_classifier(model, tokenizer, classes, templates)
     k = min(args.top_k, len(classes))
     what = "softmax over the classes" if model.kind == "clip" else "sigmoid, each class on its own"

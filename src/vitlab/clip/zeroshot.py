@@ -1,22 +1,18 @@
 """Zero-shot classification: class names -> prompts -> text embeddings -> nearest class for each image.
 
 Template ensembling (Radford et al. 2021, sec. 3.1.4): every class is embedded with every template, the unit
-vectors are averaged and the mean is renormalised, giving one unit vector per class.
+vectors are averaged and the mean is renormalised, giving one unit vector per class. A model directory
+(vitlab's or Hugging Face's CLIP / SigLIP) is opened by `vitlab.modeldir.open_model_dir`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from vitlab.clip.model import MODEL_TYPE, CLIPModel
-from vitlab.clip.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from vitlab.clip.model import CLIPModel
 from vitlab.errors import VitlabError
-from vitlab.preprocess import ImagePreprocess, clip_preprocess, siglip_preprocess
-from vitlab.rundir import PREPROCESSOR_NAME
-from vitlab.weights import CONFIG_NAME, read_json
 
 # A few of CLIP's CIFAR-10 prompts; "{}" is replaced by the class name.
 TEMPLATES = (
@@ -80,33 +76,3 @@ def zero_shot_accuracy(model: CLIPModel, classifier: torch.Tensor, images: torch
         pred = model.logits(model.encode_image(x.to(model.device)), classifier).argmax(dim=-1)  # (b,)
         correct += int((pred.cpu() == labels[i:i + batch_size]).sum())
     return correct / max(images.shape[0], 1)
-
-
-def load_model_dir(directory: str | Path) -> tuple[CLIPModel, ByteTokenizer | HFTokenizer, ImagePreprocess]:
-    """(model, tokenizer, preprocess) from a vitlab CLIP/SigLIP directory or a Hugging Face one.
-
-    A vitlab directory keeps its tokenizer and preprocessing in config.json. A Hugging Face CLIPModel /
-    SiglipModel directory is converted; its tokenizer.json and preprocessor_config.json are used when present.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise VitlabError(f"{directory} is not a model directory")
-    config = read_json(directory / CONFIG_NAME)
-    if config.get("model_type") == MODEL_TYPE:
-        model = CLIPModel.from_pretrained(directory)
-        info = config.get("preprocess")
-        preprocess = ImagePreprocess.from_dict(info) if info else None
-    elif config.get("model_type") in ("clip", "siglip"):
-        from vitlab.convert.hf_clip import load_hf_clip
-
-        model = load_hf_clip(directory)
-        hf_pre = directory / PREPROCESSOR_NAME
-        preprocess = ImagePreprocess.from_hf(read_json(hf_pre)) if hf_pre.is_file() else None
-    else:
-        raise VitlabError(f"{directory / CONFIG_NAME}: model_type {config.get('model_type')!r} is not a CLIP/SigLIP "
-                          f"model (expected {MODEL_TYPE!r}, 'clip' or 'siglip')")
-    if preprocess is None:
-        size = model.cfg.vision.image_size
-        preprocess = clip_preprocess(size) if model.kind == "clip" else siglip_preprocess(size)
-    tokenizer = load_tokenizer(directory, config.get("tokenizer"), context_length=model.cfg.text.context_length)
-    return model, tokenizer, preprocess

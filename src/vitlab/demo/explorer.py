@@ -16,7 +16,6 @@ import torch
 from PIL import Image, ImageColor, ImageDraw
 
 from vitlab.errors import VitlabError
-from vitlab.export.source import ModelDir, open_model_dir
 from vitlab.inspect.attention import (
     ATTENTION_POOLINGS,
     ROLLOUT_CAPTIONS,
@@ -38,6 +37,7 @@ from vitlab.inspect.windows import (
     window_ids,
     wrapped_windows,
 )
+from vitlab.modeldir import ModelDir, open_model_dir
 
 DISPLAY_PX = 384  # images are shown at about this size: CIFAR's 32 px scaled up 12x, pixel for pixel
 MEAN_OF_HEADS = "mean"
@@ -94,7 +94,7 @@ class Explorer:
 
     @classmethod
     def open(cls, model_dir: str | Path, *, data: str | Path | None = None) -> Explorer:
-        src = open_model_dir(model_dir)
+        src = open_model_dir(model_dir).require(("vit", "swin", "clip", "siglip"), "vitlab demo")
         return cls(src, find_test_images(src, data))
 
     # ---- computing --------------------------------------------------------------------------------

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitlab.errors import VitlabError
-from vitlab.export.source import ModelDir, open_model_dir
+from vitlab.modeldir import ModelDir, open_model_dir
 from vitlab.rundir import EXPORT_RECORD, RUN_MARKS
 from vitlab.weights import _umask, read_json, write_json
 
 FORMATS = ("hf", "timm", "onnx")
 # library that loads each format back, for the check
 CHECKED_WITH = {"hf": "transformers", "timm": "timm", "onnx": "onnxruntime"}
+EXPORTABLE = ("vit", "swin", "clip", "siglip")  # the kinds of model dir (vitlab.modeldir) the formats write
 TOLERANCE = 1e-4  # fp32 outputs of the export vs ours; more is a bug in the export, not float rounding
 
 
@@ -41,7 +42,7 @@ def export_model(model_dir: str | Path, out: str | Path, *, to: str, check: bool
                  force: bool = False) -> ExportResult:
     if to not in FORMATS:
         raise VitlabError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
-    src = open_model_dir(model_dir)
+    src = open_model_dir(model_dir).require(EXPORTABLE, "vitlab export")
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise VitlabError(f"OUT {out} is the model directory itself; export into another directory")

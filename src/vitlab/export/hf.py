@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vitlab.export.processor import hf_image_processor_config
-from vitlab.export.source import ModelDir
+from vitlab.modeldir import ModelDir
 from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_state_dict, write_json
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.export.processor import hf_image_processor_config
-from vitlab.export.source import ModelDir
+from vitlab.modeldir import ModelDir
 from vitlab.rundir import PREPROCESSOR_NAME
 from vitlab.weights import CONFIG_NAME, atomic_write, read_json, write_json
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vitlab.errors import VitlabError
-from vitlab.export.source import ModelDir
+from vitlab.modeldir import ModelDir
 from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, save_state_dict, write_json
 
 # timm class -> a registered architecture of it

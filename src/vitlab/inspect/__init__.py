@@ -14,10 +14,11 @@ from vitlab.inspect.attention import (
 from vitlab.inspect.distance import mean_attention_distance, patch_distances
 from vitlab.inspect.embeddings import embed_images, has_tsne, tsne_2d
 from vitlab.inspect.filters import patch_filter_components, patch_filter_pca
-from vitlab.inspect.images import model_inputs, prepare_images, run_preprocess
+from vitlab.inspect.images import model_inputs, prepare_images
 from vitlab.inspect.pca import pca, pca_2d
 from vitlab.inspect.posemb import patch_position_embedding, position_similarity
 from vitlab.inspect.rundir import Run, confusion_matrix, load_run
+from vitlab.modeldir import run_preprocess
 
 __all__ = [
     "Run", "attention_maps", "attention_rollout", "cls_attention", "confusion_matrix", "embed_images",

@@ -11,7 +11,6 @@ Predictions, embeddings, patch filters, curves and the confusion matrix are `exp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -28,9 +27,8 @@ from vitlab.inspect.windows import (
     window_attention_distance,
     window_attention_map,
 )
-from vitlab.rundir import EVAL_NAME, METRICS_NAME, read_eval_confusion, read_metrics
 
-__all__ = ["SwinAnalysis", "analyse_swin", "is_swin", "load_swin_run", "swin_model_rows", "swin_sections",
+__all__ = ["SwinAnalysis", "analyse_swin", "is_swin", "swin_model_rows", "swin_sections",
            "window_attention_figure"]
 
 MAX_ROWS = 4  # images in the window-attention and feature figures: each row is a wide strip
@@ -49,24 +47,6 @@ class SwinAnalysis:
     distance: list[torch.Tensor]  # per block (heads,) pixels, averaged over all images
     attns: list[torch.Tensor]  # per block (S, nW, heads, N, N) for the first S images only
     features: list[torch.Tensor]  # per stage (S, C_i, H_i, W_i) for the first S images only
-
-
-def load_swin_run(path: str | Path, *, device: str | torch.device = "cpu"):
-    """A Swin run or model dir as `inspect.rundir.Run`, read through the model registry, for as long as
-    `inspect.rundir.load_run` reads ViT dirs only."""
-    from vitlab.inspect.images import run_preprocess
-    from vitlab.inspect.rundir import Run
-    from vitlab.model import load_pretrained
-
-    path = Path(path)
-    model = load_pretrained(path, map_location=device)
-    n = model.cfg.num_classes
-    names = model.read_class_names(path)
-    run = Run(path, model, names if names and len(names) == n else [str(i) for i in range(n)],
-              run_preprocess(path, image_size=model.cfg.image_size))
-    run.metrics = read_metrics(path / METRICS_NAME, run.notes)
-    run.confusion = read_eval_confusion(path / EVAL_NAME, n, run.notes)
-    return run
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Images in, model inputs out, with the run's own preprocessing (`vitlab.preprocess.ImagePreprocess`).
+"""Images in, model inputs out, with the run's own preprocessing (`vitlab.preprocess.ImagePreprocess`, read by
+`vitlab.modeldir.run_preprocess`).
 
 Images stay uint8 (B, 3, S, S) until the last step, so the attention maps are drawn over exactly the
 pixels the model saw.
@@ -6,30 +7,12 @@ pixels the model saw.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vitlab.preprocess import HALF, ImagePreprocess
-from vitlab.rundir import PREPROCESSOR_NAME
-from vitlab.weights import read_json
-
-
-def run_preprocess(run_dir: str | Path, *, image_size: int) -> ImagePreprocess:
-    """The run's `preprocessor_config.json` (Hugging Face format), output size forced to `image_size`.
-
-    Without the file: resize to image_size x image_size (bicubic) and normalise with mean = std = 0.5, the
-    Hugging Face ViT default.
-    """
-    path = Path(run_dir) / PREPROCESSOR_NAME
-    if not path.is_file():
-        return ImagePreprocess(size=image_size, resize="square", crop_size=None, mean=HALF, std=HALF)
-    pre = ImagePreprocess.from_hf(read_json(path))
-    if pre.output_size != image_size:  # the model decides its input size
-        pre = dataclasses.replace(pre, size=image_size, crop_size=image_size if pre.crop_size else None)
-    return pre
+from vitlab.preprocess import ImagePreprocess
 
 
 def prepare_images(pre: ImagePreprocess, images: list[str | Path] | torch.Tensor) -> torch.Tensor:

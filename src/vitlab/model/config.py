@@ -204,6 +204,9 @@ def parse_variant(variant: str, **overrides) -> ViTConfig:
     kw.update(VARIANT_DEFAULTS.get(m["name"], {}))
     if m["patch"]:
         kw["patch_size"] = int(m["patch"])
+    text = {f.name for f in dataclasses.fields(ViTConfig) if isinstance(f.default, str)}
+    # `--model-arg pos_embed=none` arrives as None: for a text field it is the word (pos_embed's "none")
+    overrides = {k: "none" if v is None and k in text else v for k, v in overrides.items()}
     check_fields(ViTConfig, overrides, "ViTConfig")
     kw.update(overrides)
     kw.setdefault("name", variant)

@@ -13,11 +13,12 @@ from tqdm import tqdm
 
 from vitlab.data import load_dataset, normalize
 from vitlab.errors import VitlabError
+from vitlab.modeldir import open_model_dir
 from vitlab.rundir import (
     CONFUSION_PNG,
     EVAL_NAME,
     METRICS_NAME,
-    RUN_CONFIG,
+    WEIGHTS_NAME,
     read_metrics,
     weights_sha256,
     write_eval,
@@ -26,10 +27,8 @@ from vitlab.speed import inference_forward
 from vitlab.train.distributed import _collective_device, all_reduce_sum, get_rank, get_world_size
 from vitlab.train.lock import RunLock
 from vitlab.train.metrics import figures
-from vitlab.train.predict import load_run
 from vitlab.train.runtime import resolve_device
 from vitlab.train.tta import view_logits
-from vitlab.weights import read_json
 
 
 @dataclass
@@ -114,43 +113,51 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, me
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, split: str = "test",
-                 batch_size: int = 1000, device: str = "auto", progress: bool = True, tta: str = "none") -> dict:
+                 batch_size: int = 1000, device: str = "auto", progress: bool = True, tta: str = "none",
+                 notes: list[str] | None = None) -> dict:
     """Evaluate a run dir's weights on `split` of the dataset it was trained on; write eval.json + figure.
 
     The dataset name comes from the run's train_config.json (CIFAR-10 when there is none, e.g. a converted
     model), the normalisation from its preprocessor_config.json, so the numbers match training.
     The run's lock is held throughout: a run that a live trainer holds is refused in one line, so the
     weights scored are the ones eval.json names (sha256, training step) and nothing lands in a busy run.
-    Returns the eval.json content.
+    Returns the eval.json content; `notes` collects what the opener assumed (e.g. no preprocessor_config.json).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise VitlabError(f"run dir {run_dir} not found")
+        raise VitlabError(f"run dir {run_dir} not found" if not run_dir.exists() else
+                          f"{run_dir} is a file; vitlab eval takes a model directory (eval.json is written there)")
     with RunLock(run_dir, command="vitlab eval"):
         return _evaluate_run(run_dir, data=data, split=split, batch_size=batch_size, device=device,
-                             progress=progress, tta=tta)
+                             progress=progress, tta=tta, notes=notes if notes is not None else [])
 
 
 def _evaluate_run(run_dir: Path, *, data, split: str, batch_size: int, device: str, progress: bool,
-                  tta: str) -> dict:
-    sha = weights_sha256(run_dir)  # before loading: the lock keeps the file as it is until we are done
-    model, processor, names = load_run(run_dir)
-    record = read_json(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else {}
+                  tta: str, notes: list[str]) -> dict:
+    # before loading: the lock keeps the file as it is until we are done (a sharded HF dir has no single file)
+    sha = weights_sha256(run_dir) if (run_dir / WEIGHTS_NAME).is_file() else None
+    md = open_model_dir(run_dir)
+    if not md.num_classes:
+        raise VitlabError(f"{run_dir} holds a {md.what} without a classifier: nothing to evaluate"
+                          + ("; `vitlab zeroshot` classifies by class names" if md.is_clip else ""))
+    notes.extend(md.notes)
+    model, pre = md.model, md.preprocess
+    record = md.record or {}
     dataset = record.get("data", {}).get("dataset", "cifar10")
     if data is None:
         data = record.get("data", {}).get("root")  # the trainer's data dir, unless told otherwise
         if data is not None and not Path(data).exists():
             data = None  # moved machines: fall back to $VITLAB_DATA / the cache
     ds = load_dataset(dataset, data, split)
-    if ds.num_classes != model.cfg.num_classes:
-        raise VitlabError(f"{run_dir} predicts {model.cfg.num_classes} classes but {dataset} has {ds.num_classes}")
+    if ds.num_classes != md.num_classes:
+        raise VitlabError(f"{run_dir} predicts {md.num_classes} classes but {dataset} has {ds.num_classes}")
     dev = resolve_device(device)
     precision = record.get("plan", {}).get("precision", "fp32")
-    res = evaluate(model.to(dev), ds.images, ds.labels, mean=tuple(processor["image_mean"]),
-                   std=tuple(processor["image_std"]), num_classes=ds.num_classes, batch_size=batch_size,
-                   device=dev, precision=precision, image_size=getattr(model.cfg, "image_size", None),
+    res = evaluate(model.to(dev), ds.images, ds.labels, mean=pre.mean, std=pre.std, num_classes=ds.num_classes,
+                   batch_size=batch_size, device=dev, precision=precision, image_size=pre.output_size,
                    progress=progress, desc=split, tta=tta)
-    classes = names if len(names) == ds.num_classes else ds.classes
+    names = md.class_names
+    classes = list(names) if names and len(names) == ds.num_classes else ds.classes  # the run's, else the data's
     out = {"run_dir": str(run_dir), "weights_sha256": sha, "step": _last_step(run_dir), "dataset": dataset,
            "split": split, "count": res.count, "loss": res.loss, "top1": res.top1, "top5": res.top5,
            "per_class": dict(zip(classes, res.per_class)), "classes": classes, "precision": precision, "tta": tta,

@@ -1,6 +1,7 @@
 """Fine-tuning: a pretrained ViT's weights in a model for new classes and a new image size, and a linear probe.
 
-`init_from(SRC, image_size=64, num_classes=4)` reads SRC, one of
+`init_from(SRC, image_size=64, num_classes=4)` opens SRC with `vitlab.modeldir.open_model_dir` (as every command
+that takes a model dir does), one of
 - a vitlab model dir (config.json model_type "vitlab_vit"), or a vitlab CLIP/SigLIP dir (its vision tower);
 - a Hugging Face ViT, CLIP or SigLIP dir (config.json + safetensors; CLIP/SigLIP: the vision tower);
 - a timm safetensors file or dir, described by timm's config.json beside it or by a vitlab `variant`,
@@ -25,11 +26,12 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.model import VisionTransformer, create_model, load_pretrained, registry
+from vitlab.model import VisionTransformer, create_model, registry
 from vitlab.model.hub import seeded
 from vitlab.model.posemb import resample_grid
+from vitlab.modeldir import open_model_dir
 from vitlab.rundir import sha256_file
-from vitlab.weights import CONFIG_NAME, WEIGHTS_NAME, load_into, read_json
+from vitlab.weights import load_into
 
 # config fields a fine-tuning run may set besides image_size and num_classes, by family (model_type); the rest
 # is the source's
@@ -42,56 +44,19 @@ BACKBONE_DROPOUTS = {VisionTransformer.model_type: ("dropout", "attn_dropout", "
 HEAD_PREFIXES = ("head.", "head_dist.")  # a Swin's classifier is head.fc
 
 
-def load_source(src: str | Path, *, variant: str | None = None) -> tuple[VisionTransformer, dict]:
-    """The pretrained ViT in SRC and {"source", "kind", "files": {file name: sha256}} describing it."""
-    from vitlab.clip.model import MODEL_TYPE as CLIP_TYPE
-    from vitlab.clip.model import CLIPModel
-    from vitlab.convert.files import convert_timm, locate, read_weights  # the `vitlab convert` readers
-    from vitlab.convert.hf_clip import _MODEL_TYPES as HF_CLIP_TYPES
-    from vitlab.convert.hf_clip import convert_hf_clip
-    from vitlab.convert.hf_vit import from_hf_vit_state_dict
-
+def load_source(src: str | Path, *, variant: str | None = None) -> tuple[nn.Module, dict]:
+    """The pretrained transformer (a ViT, or a registry family such as Swin) in SRC, opened by
+    `vitlab.modeldir.open_model_dir` as every command opens a model, and
+    {"source", "kind", "files": {file name: sha256}, "variant"} describing it."""
     path = Path(src).expanduser()
-    files, config = locate(path)
-    config = config or {}
-    model_type = config.get("model_type")
-    if variant is not None and model_type is not None:
-        raise VitlabError(f"{path}: its config.json describes the model (model_type {model_type!r}); drop --variant")
-    folder = files[0].parent
-    if model_type == VisionTransformer.model_type:
-        model, kind = VisionTransformer.from_pretrained(folder), "vitlab"
-    elif model_type == CLIP_TYPE:
-        model, kind = CLIPModel.from_pretrained(folder).vision, "vitlab_clip"
-    elif model_type == "vit":
-        model, kind = from_hf_vit_state_dict(read_weights(files), config), "hf_vit"
-    elif model_type in HF_CLIP_TYPES:
-        model, kind = convert_hf_clip(read_weights(files), config), "hf_clip"
-        model = model.vision if isinstance(model, CLIPModel) else model
-    elif model_type is None and (variant or config.get("architecture")):
-        model, kind = convert_timm(read_weights(files), config, variant=variant)[0], "timm"
-    elif model_type is None:
-        raise VitlabError(f"{path}: no config.json describing the weights; for a bare timm file pass its "
-                          "vitlab variant (--variant Ti/16)")
-    else:
-        raise VitlabError(f"{folder / 'config.json'}: model_type {model_type!r} is not a ViT vitlab can fine-tune "
-                          "(vitlab, Hugging Face ViT / CLIP / SigLIP, or timm)")
-    provenance = {"source": str(path.resolve()), "kind": kind,
-                  "files": {f.name: sha256_file(f) for f in files}, "variant": variant}
+    md = open_model_dir(path, variant=variant, tokenizer=False)
+    model = md.model.vision if md.is_clip else md.model  # CLIP / SigLIP: the image tower
+    if type(model) not in registry.MODEL_CLASSES.values():
+        raise VitlabError(f"{path} holds a {md.what}; fine-tuning starts from a transformer (a vitlab ViT or Swin, "
+                          "Hugging Face ViT / Swin / CLIP / SigLIP, or timm)")
+    provenance = {"source": str(path.resolve()), "kind": md.origin,
+                  "files": {f.name: sha256_file(f) for f in md.files}, "variant": variant}
     return model.float().eval(), provenance
-
-
-def load_family_source(src: str | Path, *, variant: str | None = None) -> tuple[nn.Module, dict]:
-    """`load_source`, and a vitlab model dir of the registry's other families (a Swin run dir) by its model_type."""
-    path = Path(src).expanduser()
-    config = path / CONFIG_NAME
-    model_type = read_json(config).get("model_type") if config.is_file() else None
-    if model_type not in registry.MODEL_CLASSES or model_type == VisionTransformer.model_type:
-        return load_source(src, variant=variant)
-    if variant is not None:
-        raise VitlabError(f"{path}: its config.json describes the model (model_type {model_type!r}); drop --variant")
-    provenance = {"source": str(path.resolve()), "kind": "vitlab",
-                  "files": {WEIGHTS_NAME: sha256_file(path / WEIGHTS_NAME)}, "variant": None}
-    return load_pretrained(path).float().eval(), provenance
 
 
 def init_from(src: str | Path, *, image_size: int, num_classes: int, variant: str | None = None,
@@ -105,7 +70,7 @@ def init_from(src: str | Path, *, image_size: int, num_classes: int, variant: st
     its kind, the sha256 of each weights file, the source's size and classes, and which tensors were replaced,
     resampled or dropped.
     """
-    source, provenance = load_family_source(src, variant=variant)
+    source, provenance = load_source(src, variant=variant)
     fields = FAMILY_TRAINING_FIELDS[source.model_type]
     bad = sorted(set(overrides) - set(fields))
     if bad:
