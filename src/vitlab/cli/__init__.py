@@ -69,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         if mod.name.startswith("_"):
             continue
         importlib.import_module(f"{__name__}.{mod.name}").register(sub)
+    parser.set_defaults(command_parsers=sub.choices)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: "vitlab train: error: unrecognized arguments: ..."
+        args.command_parsers.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
