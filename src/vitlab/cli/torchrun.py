@@ -72,6 +72,9 @@ def describe(rank: int, failure) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.argv in ([], ["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     launcher, command = split_command(args.argv, args.commands)
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
