@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -89,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         torchrun.run(targs)
     except ChildFailedError as e:
-        failed = {rank: f for rank, f in e.failures.items() if f.exitcode != 2}
-        if not failed:  # vitlab refused the job: rank 0 has printed why
+        failed = e.failures
+        if any(f.exitcode == 2 for f in failed.values()):  # vitlab refused the job: rank 0 has printed why
+            failed = {r: f for r, f in failed.items() if f.exitcode not in (2, 128 + signal.SIGTERM, -signal.SIGTERM)}
+        if not failed:  # (ranks torchrun stopped with SIGTERM after the refusal are not failures of their own)
             return 2
         for rank, f in sorted(failed.items()):
             print(describe(rank, f), file=sys.stderr)
