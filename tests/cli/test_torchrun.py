@@ -189,3 +189,22 @@ def test_vitlab_torchrun_trains_as_torchrun_does(two, work, data):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_state_dict(two[0] / "model.safetensors"), load_state_dict(work / "via-vitlab" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize("launcher, port", [
+    (["--standalone", "--master-port=1234"], None),  # --standalone: a free port of torchrun's choosing
+    ([], None),  # one machine, no --master-port: torchrun switches to a free port
+    (["--master-port=1234"], 1234),  # the static rendezvous listens on it here
+    (["--nnodes=2", "--node-rank=0"], 29500),  # torchrun's default port, hosted by node 0
+    (["--nnodes=2", "--node-rank=1", "--master-port=1234"], None),  # another machine hosts it
+    (["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:1234"], None),  # c10d shares a busy endpoint by design
+])
+def test_vitlab_torchrun_checks_the_port_torchrun_will_listen_on(launcher, port):
+    from torch.distributed import run as torch_run
+
+    from vitlab.cli.torchrun import hosted_port, split_command
+
+    argv = [*launcher, "--nproc-per-node=2", "train", "--rdzv-id", "--out", "train"]
+    opts, command = split_command(argv, {"train": None, "eval": None})
+    assert opts == [*launcher, "--nproc-per-node=2"] and command == argv[len(opts):]
+    assert hosted_port(torch_run.parse_args([*opts, "--module", "vitlab", *command])) == port
