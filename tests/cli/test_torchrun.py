@@ -204,7 +204,7 @@ def test_vitlab_torchrun_checks_the_port_torchrun_will_listen_on(launcher, port)
 
     from vitlab.cli.torchrun import hosted_port, split_command
 
-    argv = [*launcher, "--nproc-per-node=2", "train", "--rdzv-id", "--out", "train"]
+    argv = [*launcher, "--nproc-per-node=2", "train", "--out", "train"]  # split at the first command word
     opts, command = split_command(argv, {"train": None, "eval": None})
     assert opts == [*launcher, "--nproc-per-node=2"] and command == argv[len(opts):]
     assert hosted_port(torch_run.parse_args([*opts, "--module", "vitlab", *command])) == port
