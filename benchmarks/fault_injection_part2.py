@@ -226,7 +226,7 @@ def stream_cases(c: Cases, trials: int = 3) -> None:
     for t in range(trials):
         run = c.work / f"stream-{t}"
         args = ["train", "--recipe", "tutorial", "--dataset", "folder", "--data", str(imgs), "--out", str(run),
-                "--model", "test", "--epochs", "3", "--batch-size", "8", "--precision", "fp32", "--no-progress",
+                "--model", "test", "--epochs", "5", "--batch-size", "8", "--precision", "fp32", "--no-progress",
                 "--data-mode", "stream", "--workers", "2", "--checkpoint-every", "3"]
         proc = subprocess.Popen([sys.executable, "-m", "vitlab", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, cwd=c.work, env=c.env)

@@ -29,7 +29,7 @@ from vitlab.errors import VitlabError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 T = TypeVar("T")
-# what a collective raises when a peer process is gone (gloo: "Connection closed by peer", a reset, a timeout)
+# what a collective raises when a peer process is gone (gloo: "Connection closed by peer", a reset)
 LOST_PEER_WORDS = ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "tcpstore")
 
 
