@@ -90,4 +90,4 @@ def _serve(args: argparse.Namespace, auth: tuple[str, str] | None) -> int:
         while True:  # until Ctrl-C or SIGTERM (KeyboardInterrupt: exit 130 / 143)
             time.sleep(0.5)
     finally:
-        app.close()
+        app.close(verbose=False)
