@@ -140,10 +140,11 @@ def export_cases(c: Cases, src: Path) -> None:
     c.record("export into a run dir", r, rc=2, words="run", lost=digest(victim) != before)
 
     locked = c.work / "locked"
-    with RunLock(locked, command="fault_injection: a training holding its run dir"):
+    with RunLock(locked, command="fault_injection: a training holding its run dir"):  # released: emptied
         before = digest(locked)
         r = c.vitlab("export", str(src), str(locked), "--to", "hf")
-    c.record("export into a locked dir", r, rc=2, lost=digest(locked) != before)
+        changed = digest(locked) != before
+    c.record("export into a locked dir", r, rc=2, lost=changed)
 
     foreign = c.work / "foreign"
     foreign.mkdir()
