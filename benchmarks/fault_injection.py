@@ -15,6 +15,18 @@ row in benchmarks/RESULTS.md.
 
     python benchmarks/fault_injection.py --n 40                       # the full run (real CIFAR-10 subset)
     python benchmarks/fault_injection.py --n 5 --epochs 2 --dry-run   # smoke: prints the row, writes nothing
+
+Part 2 (--part 2, issue 19): the newer surfaces, each case a real process against real files. Export into a
+run dir, a locked dir, a dir of someone else's files, over an earlier export with and without --force, ONNX
+beside stale weights; a corrupt CIFAR archive in the cache (junk offline; truncated and member-less with a
+local mirror: moved aside, fetched again); kill -9 of a streamed run (DataLoader workers orphaned) and an
+immediate --resume; an unwritable RUN/tb; under torchrun: a run dir in use, a global batch that does not
+split, an unknown flag, a busy --master-port, and rank 0 SIGKILLed under --max-restarts. Each case counts
+as held when the exit code and the output are what vitlab promises (one line, exit 2, for a refusal); lost
+runs are trained runs or user files that changed, or killed runs that did not resume; tracebacks are
+counted in every process's output. Writes benchmarks/results/fault_injection_part2.json.
+
+    python benchmarks/fault_injection.py --part 2
 """
 
 from __future__ import annotations
@@ -169,9 +181,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "fault_injection.json")
     p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     p.add_argument("--dry-run", action="store_true", help="print the row; write no JSON and no RESULTS.md row")
+    p.add_argument("--part", type=int, choices=(1, 2), default=1, help="1: kill -9 of training; 2: issue 19's cases")
     args = p.parse_args()
     if not args.data:
         p.error("give --data or set VITLAB_DATA (CIFAR-10)")
+    if args.part == 2:
+        from fault_injection_part2 import part2
+
+        return part2(args)
 
     # Tiny but with every checkpointed part on: EMA (ema.safetensors), AdamW moments, augmentation RNG.
     base = ["--recipe", "tutorial", "--data", str(args.data), "--epochs", str(args.epochs), "--train-subset",

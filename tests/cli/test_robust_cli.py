@@ -6,6 +6,7 @@ A run is paused at a chosen point by a wrapper (PAUSING) that waits for a file, 
 fills the disk at a known moment with no sleeps in the logic under test.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -354,3 +355,56 @@ def test_an_empty_class_folder_is_refused_or_warned_never_silent(tmp_path, monke
     assert "emptyclass" in r.stderr and "Traceback" not in r.stderr  # warned, naming it
     config = json.loads((tmp_path / "kept" / "config.json").read_text())
     assert sorted(config["id2label"].values()) == ["ant", "bee", "emptyclass"]
+
+
+def unwritable_tb(run) -> str:
+    """RUN/tb that this process cannot write in, and the words the refusal gives: mode 0o500 as a user; as root,
+    who writes through any mode bits, a file where the folder must be."""
+    tb = run / "tb"
+    if os.geteuid() == 0:
+        tb.write_text("not a folder")
+        return "it is a file, not a folder"
+    tb.mkdir()
+    tb.chmod(0o500)
+    return "Permission denied"
+
+
+@pytest.mark.parametrize("where", ["tb", "preprocessor_config.json"])
+def test_an_unwritable_run_dir_is_one_line_and_a_run_that_never_started_leaves_nothing(tmp_path, data, where):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's own file")
+    if where == "tb":
+        words = f"--tensorboard: cannot write event files in {run / 'tb'}: {unwritable_tb(run)}"
+    else:  # a folder where train_config.json's sibling must be written
+        (run / where).mkdir()
+        words = f"{run / where}: is a directory, not a file"
+    before = sorted(p.name for p in run.iterdir())
+    r = vitlab("train", "--data", str(data), "--out", str(run), *TINY, "--tensorboard")
+    assert r.returncode == 2
+    assert one_line(r.stderr) == f"vitlab train: error: {words}"  # the path as text, never b'...'
+    assert sorted(p.name for p in run.iterdir()) == before  # no lock, no train_config.json: as it was
+
+
+def test_the_tensorboard_writer_thread_fails_without_a_traceback(tmp_path, capfd):
+    """A write failing in the event writer's thread (the disk filled, the folder went) prints nothing there; the
+    training thread gets the error, with the path as text, at its next write."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vitlab.cli import user_message
+    from vitlab.train.tensorboard import _quiet_writer_threads
+
+    _quiet_writer_threads()
+    writer = SummaryWriter(str(tmp_path / "tb"), flush_secs=1)
+    record_writer = writer._get_file_writer().event_writer._async_writer._writer
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device", os.fsencode(tmp_path / "tb" / "events"))
+
+    record_writer.write = full
+    with pytest.raises(OSError) as e:
+        for step in range(200):  # the thread fails at its first write; a later call on this thread raises
+            writer.add_scalar("loss", 1.0, step)
+            time.sleep(0.01)
+    assert user_message(e.value) == f"{tmp_path / 'tb' / 'events'}: No space left on device"
+    assert "Traceback" not in capfd.readouterr().err

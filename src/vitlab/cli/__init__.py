@@ -28,11 +28,28 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def user_message(e: BaseException) -> str:
-    """One line: VitlabError's text; an OSError as "PATH: No space left on device"."""
+    """One line: VitlabError's text; an OSError as "PATH: No space left on device" (a bytes path as text)."""
     if isinstance(e, OSError) and not isinstance(e, VitlabError) and e.strerror:
-        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        paths = " -> ".join(_path_text(f) for f in (e.filename, e.filename2) if f is not None)
         return f"{paths}: {e.strerror}" if paths else e.strerror
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _path_text(f) -> str:
+    return os.fsdecode(f) if isinstance(f, (bytes, os.PathLike)) else str(f)  # tensorboard names files in bytes
+
+
+def prints_errors() -> bool:
+    """Under torchrun only the first process of each machine prints vitlab's one-line errors (rank 0 on one
+    machine): the others hit the same refusal, or stop because of it, and stay silent."""
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") or os.environ.get("RANK", "0") in ("", "0")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), printed by one process under torchrun."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if prints_errors() else None)
 
 
 def nonempty(value: str) -> str:
@@ -45,29 +62,34 @@ def nonempty(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from vitlab import __version__
 
-    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers from scratch.")
+    parser = Parser(prog="vitlab", description="Vision Transformers from scratch.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if mod.name.startswith("_"):
             continue
         importlib.import_module(f"{__name__}.{mod.name}").register(sub)
+    parser.set_defaults(command_parsers=sub.choices)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: "vitlab train: error: unrecognized arguments: ..."
+        args.command_parsers.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM during a training (vitlab.train.guard.Terminated): 143
-        print(f"vitlab: {str(e) or 'interrupted'}", file=sys.stderr)
+        if prints_errors():
+            print(f"vitlab: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except (VitlabError, OSError) as e:
         if not is_user_error(e) or os.environ.get("VITLAB_DEBUG"):
             raise
-        print(f"vitlab {args.command}: error: {user_message(e)}", file=sys.stderr)
+        if prints_errors() or getattr(e, "every_rank", False):  # a lost peer is this process's own news
+            print(f"vitlab {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2

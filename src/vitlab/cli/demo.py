@@ -15,8 +15,10 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 from vitlab.errors import VitlabError
+from vitlab.train.guard import stops_on_sigterm
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +51,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+@stops_on_sigterm  # SIGTERM stops the server as Ctrl-C does, so the uploads folder is removed either way
 def run(args: argparse.Namespace) -> int:
     missing = [m for m in ("gradio", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
@@ -80,7 +83,11 @@ def _serve(args: argparse.Namespace, auth: tuple[str, str] | None) -> int:
     print(f"vitlab demo: {ex.summary()}; {where}")
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
-        serve(ex, host=args.host, port=args.port, auth=auth, max_upload_mb=args.max_upload_mb)
+        app = serve(ex, host=args.host, port=args.port, auth=auth, max_upload_mb=args.max_upload_mb, block=False)
     except OSError as e:  # the port is taken or the address is not this machine's
         raise VitlabError(f"cannot serve on {args.host}:{args.port}: {e}") from None
-    return 0
+    try:
+        while True:  # until Ctrl-C or SIGTERM (KeyboardInterrupt: exit 130 / 143)
+            time.sleep(0.5)
+    finally:
+        app.close(verbose=False)

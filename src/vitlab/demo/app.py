@@ -189,11 +189,13 @@ def serve(ex: Explorer, *, host: str = "127.0.0.1", port: int = 7860, block: boo
           auth: tuple[str, str] | None = None, max_upload_mb: float = 5.0):
     """Start the page; `block` waits until Ctrl-C (the CLI), else returns the running app (tests).
 
-    `auth` (user, password) puts Gradio's login in front of the page; uploads over `max_upload_mb` are refused.
+    `auth` (user, password) puts Gradio's login in front of the page; uploads over `max_upload_mb` are refused
+    (HTTP 413). Uploads and the images the page shows are kept in $GRADIO_TEMP_DIR (`vitlab demo` gives it a
+    private folder and removes it at exit).
     """
     app = build_app(ex)
     app.queue(default_concurrency_limit=1)  # one forward pass at a time on a CPU
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True,
                prevent_thread_lock=not block, ssr_mode=False, theme=THEME, footer_links=[],
-               auth=auth, max_file_size=f"{max_upload_mb:g}mb")
+               auth=auth, max_file_size=int(max_upload_mb * 2**20))  # bytes: Gradio's "5mb" form takes integers only
     return app

@@ -12,10 +12,12 @@ Each rank trains on a disjoint shard of every epoch's permutation, drawn exactly
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,20 @@ from vitlab.data.shard import _joined, epoch_permutation, get_rank, get_world_si
 from vitlab.errors import VitlabError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+T = TypeVar("T")
+# what a collective raises when a peer process is gone (gloo: "Connection closed by peer", a reset)
+LOST_PEER_WORDS = ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "tcpstore")
+
+
+class PeerStopped(VitlabError):
+    """Rank 0 refused the run (it prints why, in one line); the other ranks stop with the same message, silently."""
+
+
+class PeerLost(VitlabError):
+    """A collective failed because another process of the job is gone (killed, crashed, refused): this rank
+    stops with one line of its own (`every_rank`), not a chain of tracebacks; torchrun restarts or ends the job."""
+
+    every_rank = True
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,11 @@ def local_device(device: str | torch.device) -> torch.device:
 def close_distributed() -> None:
     """Leave the process group (at the end of a run) if this process joined one."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # a peer is gone: the error that stopped the run is already on its way
+            if not is_lost_peer(e):
+                raise
 
 
 def is_main() -> bool:
@@ -117,6 +137,59 @@ def is_main() -> bool:
 def barrier() -> None:
     if _joined():
         dist.barrier()
+
+
+def rank0_decides(fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 alone (claiming the run dir, writing its files), with its refusal shared: a VitlabError
+    or OSError there stops every rank at once (rank 0 raises it, the others `PeerStopped`), so no rank is left
+    waiting in a collective for a process that has gone. Other ranks get None; one process just calls `fn`."""
+    if get_world_size() == 1:
+        return fn()
+    if get_rank() == 0:
+        try:
+            out = fn()
+        except (VitlabError, OSError) as e:
+            broadcast_object(str(e) or type(e).__name__)
+            raise
+        broadcast_object(None)
+        return out
+    refusal = broadcast_object(None)
+    if refusal is not None:
+        raise PeerStopped(refusal)
+    return None
+
+
+def is_lost_peer(e: BaseException) -> bool:
+    """Did a collective fail because another process of the job is gone? (torch raises DistError subclasses,
+    or a RuntimeError from gloo / NCCL naming the broken connection.)"""
+    if isinstance(e, VitlabError) or not _joined() or get_world_size() == 1:
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in LOST_PEER_WORDS)
+
+
+@contextmanager
+def peers_lost_quietly() -> Iterator[None]:
+    """Inside the block, a collective that fails because a peer is gone raises `PeerLost` (one line, exit 2)
+    instead of its chain of tracebacks."""
+    try:
+        yield
+    except Exception as e:
+        if not is_lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PeerLost(f"rank {get_rank()}: another process of this job is gone ({first}); torchrun restarts the "
+                       f"job (--max-restarts) or ends it") from None
+
+
+def quiet_on_lost_peer(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: `fn` runs inside `peers_lost_quietly()`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with peers_lost_quietly():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 # ---- the model -------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 import weakref
@@ -105,6 +106,40 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class UnstartedRun:
+    """Undo for a new run that fails before its first step (a read-only RUN/tb, an unwritable file): it leaves
+    the run dir as it found it, lock and config files included. Made before the lock is claimed (is the dir,
+    is the lock file there?); `held()` once it is held lists what is there then; `undo()`, after the lock is
+    released, removes what came after, the lock file if this run made it, and the dir if this run made it.
+    Nothing is removed unless the lock was held: another process's files are never touched."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir_existed = self.run_dir.exists()
+        self.lock_existed = (self.run_dir / LOCK_NAME).exists()
+        self.entries: set[str] | None = None
+
+    def held(self) -> None:
+        self.entries = set(os.listdir(self.run_dir))
+
+    def undo(self) -> None:
+        if self.entries is None or not self.run_dir.is_dir():
+            return
+        try:
+            for name in sorted(set(os.listdir(self.run_dir)) - self.entries):
+                p = self.run_dir / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            if not self.lock_existed:  # released already: nobody can be holding this file
+                (self.run_dir / LOCK_NAME).unlink(missing_ok=True)
+            if not self.dir_existed:
+                self.run_dir.rmdir()
+        except OSError:  # what cannot be removed stays; the error that stopped the run is the one to report
+            pass
 
 
 def _drop_in_child() -> None:

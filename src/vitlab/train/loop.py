@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -37,9 +38,17 @@ from vitlab.train.checkpoint import (
     has_checkpoint,
     seed_rank,
 )
-from vitlab.train.distributed import all_reduce_sum, get_rank, get_world_size, shard_permutation
+from vitlab.train.distributed import (
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    quiet_on_lost_peer,
+    rank0_decides,
+    shard_permutation,
+)
 from vitlab.train.ema import ModelEma
 from vitlab.train.guard import LR_FACTOR, Decision, DivergedError, NonFiniteGuard, claim_run_dir, describe_stop
+from vitlab.train.lock import UnstartedRun
 from vitlab.train.metrics import STEPS, MetricsLog
 from vitlab.train.optim import WarmupCosine, create_optimizer
 from vitlab.train.parallel import (
@@ -185,6 +194,7 @@ class Trainer:
         task.set_schedule(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.metrics, self.step_log = MetricsLog(self.run_dir), MetricsLog(self.run_dir, STEPS, columns=None)
         self.step, self.epoch, self.elapsed_before, self.finished, self.lr = 0, 0, 0.0, False, c.lr
+        self.started = False  # the first step began: from then on the run dir is kept whatever happens
         self.epoch_stats: dict = {}  # train_loss, train_acc, images_per_sec of the last epoch
         self.carried: dict = {}  # training sums of the epoch a mid-epoch checkpoint was taken in
         self.logged_total = self.total_steps  # the schedule length last reported in the log
@@ -226,14 +236,12 @@ class Trainer:
         return self.step_cost.get(self.task.step_size(step), 1.0)
 
     # ---- the loop --------------------------------------------------------------------------------------
+    @quiet_on_lost_peer  # a peer process gone: one line, not a chain of tracebacks
     def run(self) -> TrainResult:
-        """Train to the end, the only writer of the run dir (`vitlab.train.guard.claim_run_dir`)."""
-        if not self.is_main:
-            return self.run_locked()
-        how = "--resume" if self.resuming else "--out"
-        with claim_run_dir(self.run_dir, command=f"{self.task.command} {how} {self.run_dir}", log=self.log):
-            if not self.resuming:
-                check_new_run_dir(self.run_dir)  # a run may have started here since train() looked
+        """Train to the end, the only writer of the run dir (`vitlab.train.guard.claim_run_dir`). Rank 0's
+        refusals stop every rank at once; a new run that fails before its first step leaves the dir as it was."""
+        with unstarted_undone(self) as undo, ExitStack() as held:  # the lock (held) is released first
+            rank0_decides(lambda: claim(self, held, undo))
             return self.run_locked()
 
     def run_locked(self) -> TrainResult:
@@ -244,12 +252,13 @@ class Trainer:
                 self.log(f"{self.run_dir} is already complete ({self.epoch} epochs, {self.step} steps)")
                 return self.result()
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
-        write_run_files(self)
-        self.callbacks = [*([EmaUpdate(self.ema)] if self.ema is not None else []), Report(),
-                          *filter(None, [open_tensorboard(self)])]
+            note_world_size(self)
+        tb = rank0_decides(lambda: (write_run_files(self), open_tensorboard(self))[1])  # rank 0 writes
+        self.callbacks = [*([EmaUpdate(self.ema)] if self.ema is not None else []), Report(), *filter(None, [tb])]
         self.log(f"training {self.task.describe(self.model)} on {self.task.train_size} images, {self.total_steps} "
                  f"steps of {describe_batch(self.batch_size)} ({self.num_epochs} epochs), {self.precision} on "
                  f"{self.device}")
+        self.started = True
         try:
             while not self.finished:
                 self.run_epoch()
@@ -392,3 +401,34 @@ class Trainer:
         """The run's weights (EMA when on) as the task's model dir, then the resumable checkpoint."""
         self.task.save(self.ema.module if self.ema is not None else self.model, run_dir)
         write_checkpoint(self, run_dir, elapsed=elapsed, rng=rng)
+
+
+@contextmanager
+def unstarted_undone(trainer: Trainer) -> Iterator[UnstartedRun | None]:
+    """Rank 0 of a new run: if the block fails before the first step, the run dir is left as it was found."""
+    undo = UnstartedRun(trainer.run_dir) if trainer.is_main and not trainer.resuming else None
+    try:
+        yield undo
+    except BaseException:
+        if undo is not None and not trainer.started:
+            undo.undo()
+        raise
+
+
+def claim(trainer: Trainer, held: ExitStack, undo: UnstartedRun | None) -> None:
+    """Rank 0: hold the run dir's lock until `held` closes; a new run checks again that no run started there."""
+    how = "--resume" if trainer.resuming else "--out"
+    held.enter_context(claim_run_dir(trainer.run_dir, command=f"{trainer.task.command} {how} {trainer.run_dir}",
+                                     log=trainer.log))
+    if undo is not None:
+        undo.held()
+        check_new_run_dir(trainer.run_dir)  # a run may have started here since train() looked
+
+
+def note_world_size(trainer: Trainer) -> None:
+    """A run resumed on another number of processes says what that changes."""
+    before = (trainer.record.get("launch") or {}).get("world_size", 1)
+    if before != trainer.world_size:
+        trainer.log(f"{trainer.run_dir} ran on {before} process(es), now on {trainer.world_size}: it continues with "
+                    f"the same global batch of {trainer.global_batch}, but not bit-exactly (each process draws its "
+                    f"own random numbers, and the gradients are summed in another order)")

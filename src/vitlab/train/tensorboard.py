@@ -17,6 +17,9 @@ restored state, so the curves have neither gaps nor duplicated steps.
 from __future__ import annotations
 
 import io
+import tempfile
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 from PIL import Image
 
 from vitlab.data import normalize
+from vitlab.errors import VitlabError
 from vitlab.inspect.attention import (
     ATTENTION_POOLINGS,
     ROLLOUT_CAPTIONS,
@@ -148,7 +152,39 @@ class TensorBoardLog(Callback):
         self.writer.flush()  # an evaluation's numbers are on disk before the next epoch starts
 
     def on_end(self, trainer: Trainer | None = None) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as e:  # the disk filled or the folder went: said in one line, the run's own error goes on
+            if trainer is not None:
+                trainer.log(f"TensorBoard: the last events were not written ({e.strerror or e})")
+
+
+def check_writable(tb: Path) -> None:
+    """RUN_DIR/tb must be a folder this process can write in, checked with a real file before the writer's
+    thread starts (where a failure would be a traceback, and the path bytes)."""
+    if tb.exists() and not tb.is_dir():
+        raise VitlabError(f"--tensorboard: cannot write event files in {tb}: it is a file, not a folder")
+    try:
+        tb.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=tb):
+            pass
+    except OSError as e:
+        raise VitlabError(f"--tensorboard: cannot write event files in {tb}: {e.strerror or e}") from None
+
+
+def _quiet_writer_threads() -> None:
+    """The event writer's thread dies with a traceback when a write fails; the training thread gets the same
+    error at its next write and reports it in one line, so the thread's own print is dropped."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread" or not isinstance(args.exc_value, OSError):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def open_tensorboard(trainer: Trainer) -> TensorBoardLog | None:
@@ -168,6 +204,8 @@ def open_tensorboard(trainer: Trainer) -> TensorBoardLog | None:
         probe = RolloutProbe(splits.test.images, splits.test.labels, splits.classes, mean=splits.mean, std=splits.std)
     if probe is not None and figures() is None:
         trainer.log("matplotlib is not installed: no rollout images in TensorBoard (pip install 'vitlab[tensorboard]')")
+    check_writable(trainer.run_dir / TB_DIR)
+    _quiet_writer_threads()
     writer = SummaryWriter(str(trainer.run_dir / TB_DIR), purge_step=trainer.step, flush_secs=FLUSH_SECS)
     tb = TensorBoardLog(writer, probe, start=trainer.step)
     if trainer.step:  # resumed: the restored step's evaluation, and anything the purge marker hid, again
