@@ -81,3 +81,27 @@ def test_explicit_bf16_attention_matches_fp32_sdpa(mask):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
     out = explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=m, dropout_p=0.0)
     assert _rel(out, ref) < 1e-2
+
+
+def test_swin_window_attention_is_swapped_and_computes_the_same():
+    """Swin's WindowAttention: fp32 bit-exact; bf16 training forward and grads as close to fp32 as plain bf16."""
+    from vitlab.model.swin import WindowAttention
+    from vitlab.speed.cpu_bf16 import FusedWindowAttention
+
+    ref = create_model("swin-test", seed=0, num_classes=10).train()
+    fused32 = fuse_for_cpu_bf16(copy.deepcopy(ref))
+    assert not any(type(m) in (WindowAttention, Mlp) for m in fused32.modules())
+    assert sum(type(m) is FusedWindowAttention for m in fused32.modules()) == 2
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        assert torch.equal(fused32.eval()(x), ref.eval()(x))
+    ref.train()
+    plain, fused = copy.deepcopy(ref).bfloat16(), fuse_for_cpu_bf16(copy.deepcopy(ref).bfloat16())
+    outs, grads = {}, {}
+    for name, m in (("ref", ref), ("plain", plain), ("fused", fused)):
+        out = m(x if name == "ref" else x.bfloat16())
+        F.cross_entropy(out.float(), y).backward()
+        outs[name] = out
+        grads[name] = torch.cat([p.grad.float().flatten() for p in m.parameters()])
+    assert _rel(outs["fused"], outs["ref"]) < 2e-2
+    assert _rel(grads["fused"], grads["ref"]) < max(2e-2, 1.5 * _rel(grads["plain"], grads["ref"]))

@@ -1,7 +1,8 @@
 """The bf16 fast path on CPU, applied by a module swap: `fuse_for_cpu_bf16(model)`.
 
 In the spirit of torch's quantization swaps, it changes the class of every `Block`, `Attention` and `Mlp`
-in `model` (in place) to a subclass whose forward runs faster kernels on bf16 CPU tensors:
+in `model` (and a Swin's `WindowAttention`: ~1.35x its training img/s) in place to a subclass whose forward
+runs faster kernels on bf16 CPU tensors:
 - linear layers through oneDNN with the bias, the exact GELU (fc1) and the block's residual add
   (proj, fc2) in the matmul epilogue (`onednn.linear`);
 - attention as explicit bf16 matmuls + softmax while training, since the fused (flash) SDPA backward in
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.model.swin import WindowAttention
 from vitlab.model.vit import Attention, Block, Mlp
 from vitlab.speed import onednn
 
@@ -73,6 +75,21 @@ class FusedMlp(Mlp):
         return out if residual is None else residual + out
 
 
+class FusedWindowAttention(WindowAttention):
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, return_attention: bool = False):
+        """Swin's window attention with oneDNN linears and, while training in bf16, explicit attention."""
+        if return_attention or not onednn.fused_ok(x, self.qkv.weight):
+            return super().forward(x, mask=mask, return_attention=return_attention)
+        BW, N, C = x.shape
+        qkv = onednn.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(BW, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (BW, h, N, hd)
+        bias = self.attention_bias(mask, BW).to(q.dtype)
+        drop = self.attn_drop if self.training else 0.0
+        attend = explicit_attention if _explicit_is_faster(q) else F.scaled_dot_product_attention
+        out = attend(q, k, v, attn_mask=bias, dropout_p=drop).transpose(1, 2).reshape(BW, N, C)
+        return self.proj_drop(onednn.linear(out, self.proj.weight, self.proj.bias))
+
+
 class FusedBlock(Block):
     fuse_residual: bool  # set by the swap: nothing (LayerScale, stochastic depth) sits between branch and add
 
@@ -87,13 +104,16 @@ class FusedBlock(Block):
 
 
 def fuse_for_cpu_bf16(model: nn.Module) -> nn.Module:
-    """Swap vitlab's Block / Attention / Mlp modules in `model` for their fused subclasses; returns `model`."""
+    """Swap vitlab's Block / Attention / Mlp / WindowAttention modules in `model` for their fused subclasses;
+    returns `model`."""
     for m in model.modules():
         if type(m) is Block:
             m.__class__ = FusedBlock
             m.fuse_residual = all(isinstance(s, nn.Identity) for s in (m.ls1, m.ls2, m.drop_path1, m.drop_path2))
         elif type(m) is Attention:
             m.__class__ = FusedAttention
+        elif type(m) is WindowAttention:
+            m.__class__ = FusedWindowAttention
         elif type(m) is Mlp:
             m.__class__ = FusedMlp
             m.fuse_gelu = isinstance(m.act, nn.GELU) and m.act.approximate == "none"
