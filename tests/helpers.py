@@ -78,3 +78,19 @@ def check_report(out, expected_pngs):
     assert "http" not in body and "<script" not in body and "<link" not in body and "url(" not in body
     assert set(re.findall(r'src="([^"]*)"', body)) == {"data:"}
     return page
+
+
+@torch.no_grad()
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn afresh, in eval mode: matrices at 1/sqrt(fan_in) (activations keep their scale),
+    norm gains around 1, biases around 0, bias tables at scale 1 (so a wrong index or mask shows)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if name.endswith("relative_position_bias_table"):
+            p.copy_(noise)
+        elif p.ndim > 1:
+            p.copy_(noise * p[0].numel() ** -0.5)
+        else:
+            p.copy_(noise * 0.2 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model.eval()

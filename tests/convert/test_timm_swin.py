@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer import SwinTransformer as TimmSwin  # noqa: E402
 
+from helpers import randomise  # noqa: E402
 from vitlab.cli import main  # noqa: E402
 from vitlab.convert import from_timm, timm_kwargs, to_timm  # noqa: E402
 from vitlab.convert.timm import load_timm_checkpoint, timm_class  # noqa: E402
@@ -33,21 +34,6 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@torch.no_grad()
-def noisy(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter redrawn (matrices at 1/sqrt(fan_in), bias tables at 1), so a swapped mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in m.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith("relative_position_bias_table"):
-            p.copy_(noise)
-        elif p.ndim > 1:
-            p.copy_(noise * p[0].numel() ** -0.5)
-        else:
-            p.add_(noise * 0.2)
-    return m.eval()
-
-
 def images(cfg, n: int = 2) -> torch.Tensor:
     return torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
 
@@ -55,14 +41,14 @@ def images(cfg, n: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_parity_both_directions(cfg):
     assert timm_class(cfg) is TimmSwin
-    theirs = noisy(TimmSwin(**timm_kwargs(cfg)))
+    theirs = randomise(TimmSwin(**timm_kwargs(cfg)))
     ours = from_timm(theirs)
     assert isinstance(ours, SwinTransformer) and ours.cfg == cfg  # the config is read back exactly
     x = images(cfg)
     with torch.no_grad():
         close(ours.forward_features(x), theirs.forward_features(x))
         close(ours(x), theirs(x))
-    mine = noisy(SwinTransformer(cfg), seed=1)
+    mine = randomise(SwinTransformer(cfg), seed=1)
     back = TimmSwin(**timm_kwargs(cfg)).eval()
     back.load_state_dict(to_timm(mine), strict=True)
     with torch.no_grad():
@@ -70,7 +56,7 @@ def test_parity_both_directions(cfg):
 
 
 def test_registered_timm_swin_tiny_reads_as_swin_tiny():
-    theirs = noisy(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False))
+    theirs = randomise(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False))
     ours = from_timm(theirs)
     # timm's class defaults to drop_path_rate 0.1 (a float32 linspace; the config keeps 7 digits)
     assert ours.cfg == model_config("swin-tiny", drop_path=0.1)
@@ -84,7 +70,7 @@ def test_timm_hub_directory_through_vitlab_convert(tmp_path, capsys):
     """A directory as timm's own save_for_hf writes it (config.json: architecture + model_args) -> vitlab convert."""
     from timm.models._hub import save_for_hf
 
-    tm = noisy(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+    tm = randomise(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
                                  window_size=4, embed_dim=16, depths=(2, 1), num_heads=(1, 2), num_classes=4))
     save_for_hf(tm, tmp_path / "src", safe_serialization=True, model_config={"label_names": ["a", "b", "c", "d"]})
     assert main(["convert", "--from", "timm", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
@@ -103,7 +89,7 @@ def test_timm_hub_directory_through_vitlab_convert(tmp_path, capsys):
 def test_bare_safetensors_with_swin_variant(tmp_path, capsys):
     """No config.json: --variant swin-test names the sizes; the head's rows give the classes."""
     cfg = model_config("swin-test", num_classes=3, qkv_bias=False)
-    tm = noisy(TimmSwin(**timm_kwargs(cfg)))
+    tm = randomise(TimmSwin(**timm_kwargs(cfg)))
     save_file(tm.state_dict(), tmp_path / "w.safetensors")
     argv = ["convert", "--from", "timm", str(tmp_path / "w.safetensors"), str(tmp_path / "out"),
             "--variant", "swin-test"]
@@ -123,7 +109,7 @@ def test_bare_safetensors_with_swin_variant(tmp_path, capsys):
 
 def test_load_timm_checkpoint_builds_the_swin_architecture():
     args = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2])
-    tm = noisy(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **args))
+    tm = randomise(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **args))
     ours = load_timm_checkpoint(tm.state_dict(), {"architecture": "swin_tiny_patch4_window7_224", "num_classes": 5,
                                                   "model_args": args})
     assert isinstance(ours, SwinTransformer)
@@ -151,7 +137,7 @@ def test_refuses_what_vitlab_swin_cannot_hold(kw, msg):
 
 
 def test_a_resized_timm_model_reads_at_its_new_size():
-    tm = noisy(TimmSwin(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2)))
+    tm = randomise(TimmSwin(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2)))
     tm.set_input_size(img_size=(48, 48), window_size=8)  # new masks, bias tables resampled to 15x15
     ours = from_timm(tm)
     assert dataclasses.replace(ours.cfg, image_size=32, window_size=4) == SwinConfig(

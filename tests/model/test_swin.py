@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
+from helpers import randomise
 from vitlab.errors import VitlabError
 from vitlab.model import SwinConfig, SwinTransformer, create_model, flops_per_image, load_pretrained, model_config
 from vitlab.model.flops import estimate_params, stem_macs
@@ -40,22 +41,6 @@ CASES = {
     "avgmax_headless": SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4),
                                   window_size=4, global_pool="avgmax", num_classes=0),
 }
-
-
-@torch.no_grad()
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter drawn afresh, in eval mode: matrices at 1/sqrt(fan_in) (activations keep their scale),
-    norm gains around 1, biases around 0, bias tables at scale 1 (so a wrong index or mask shows)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith("relative_position_bias_table"):
-            p.copy_(noise)
-        elif p.ndim > 1:
-            p.copy_(noise * p[0].numel() ** -0.5)
-        else:
-            p.copy_(noise * 0.2 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return model.eval()
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -101,9 +101,6 @@ class CLIPModel(PretrainedMixin, nn.Module):
         skip = {f"vision.{n}" for n in self.vision.no_weight_decay()}
         return skip | {"text.pos_embed", "logit_scale", "logit_bias"}
 
-    def num_params(self, *, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device

@@ -93,12 +93,6 @@ class TeacherNet(PretrainedMixin, nn.Module):
         x = F.adaptive_max_pool2d(x, 1).flatten(1)  # (B, C)
         return self.head(x) / 9  # (B, num_classes)
 
-    def num_params(self, *, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    def summary(self) -> str:
-        return self.cfg.summary(self.num_params())
-
 
 def whitening_weights(images: torch.Tensor, *, eps: float = 5e-4) -> torch.Tensor:
     """ZCA-style filters for 2x2 patches: eigenvectors of the patch covariance / sqrt(eigenvalue + eps).

@@ -70,6 +70,17 @@ class PretrainedMixin:
                               f"{cls.model_type!r} one")
         return d
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_params(self, *, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def summary(self) -> str:
+        """One line naming the model: the line `train`, `info`, `explain` and `convert` print."""
+        return self.cfg.summary(self.num_params())
+
     @classmethod
     def build(cls, cfg):
         """The model for a config (a subclass may pick a more specific class)."""

@@ -501,15 +501,3 @@ class SwinTransformer(PretrainedMixin, nn.Module):
         if return_attention:
             return self.forward_attention(x)
         return self.forward_head(self.forward_features(x))
-
-    # ---- helpers ----------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.patch_embed.proj.weight.device
-
-    def num_params(self, *, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    def summary(self) -> str:
-        """One line naming the model: the line `train`, `info`, `explain` and `convert` print."""
-        return self.cfg.summary(self.num_params())
