@@ -1,9 +1,8 @@
 """`--to timm` for a Swin model dir: timm loads the export strictly with our outputs, and `vitlab convert` reads it
-back. The ModelDir is built here, so the test does not depend on how `open_model_dir` opens a Swin dir."""
+back. The dir is opened by `open_model_dir`, as `vitlab export` opens it."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -11,10 +10,9 @@ import torch
 
 from vitlab.cli import main
 from vitlab.errors import VitlabError
-from vitlab.export.source import ModelDir
 from vitlab.export.timm import check_timm, export_timm, timm_hub_config
-from vitlab.inspect.images import run_preprocess
 from vitlab.model import SwinTransformer, create_model, load_pretrained
+from vitlab.modeldir import ModelDir, open_model_dir
 from vitlab.rundir import write_preprocessor_config
 
 NAMES = ["apple", "bee", "cat", "dog", "eel"]
@@ -23,7 +21,7 @@ NAMES = ["apple", "bee", "cat", "dog", "eel"]
 @torch.no_grad()
 def swin_dir(tmp_path, **overrides) -> ModelDir:
     """A swin-test dir as training leaves it (weights, id2label, preprocessor_config.json), every parameter
-    shifted off its init, opened as `open_model_dir` opens a ViT dir."""
+    shifted off its init, opened by `open_model_dir`."""
     model = create_model("swin-test", seed=0, num_classes=5, **overrides)
     g = torch.Generator().manual_seed(0)
     for p in model.parameters():
@@ -31,8 +29,9 @@ def swin_dir(tmp_path, **overrides) -> ModelDir:
     d = tmp_path / "run"
     model.save_pretrained(d, class_names=NAMES)
     write_preprocessor_config(d, image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
-    pre = dataclasses.replace(run_preprocess(d, image_size=32), backend="pil")
-    return ModelDir(d, "swin", SwinTransformer.from_pretrained(d), pre, class_names=NAMES)
+    md = open_model_dir(d)
+    assert md.kind == "swin" and isinstance(md.model, SwinTransformer) and md.class_names == NAMES
+    return md
 
 
 def test_timm_loads_the_swin_export_and_vitlab_reads_it_back(tmp_path):
