@@ -219,6 +219,7 @@ def test_a_run_started_meanwhile_is_not_overwritten(tmp_path, data):
     (tmp_path / "t" / "train_config.json").write_text(json.dumps({"config": {}}))  # another process's run
     with pytest.raises(VitlabError, match="already holds a run"):
         trainer.run()
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".vitlab-lock", "train_config.json"]
+    # the refused trainer leaves the dir as it found it: the other run's file, no lock file of its own (issue 19)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["train_config.json"]
     with RunLock(tmp_path / "t", command="someone else"), pytest.raises(VitlabError, match="in use by pid"):
         trainer.run()

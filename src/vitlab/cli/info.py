@@ -124,13 +124,12 @@ def _print_model(model, args: argparse.Namespace, *, kind: str, source: tuple[st
 
     params = model.num_params()
     info = {"name": getattr(model.cfg, "name", "") or kind, "kind": kind, "parameters": params,
-            "summary": model.summary() if hasattr(model, "summary") else kind}
+            "summary": model.summary()}
     rows = [("model", info["summary"]), *([source] if source else [])]
     if kind in CLIP_KINDS:
         v, t = model.cfg.vision, model.cfg.text
         info.update(embed_dim=model.cfg.embed_dim, image_size=v.image_size, vision=v.summary(model.vision.num_params()),
                     text=f"{t.width}w {t.depth}d {t.heads}h, context {t.context_length}, vocabulary {t.vocab_size}")
-        rows[0] = ("model", f"{kind.upper()}: image and text towers, {model.cfg.embed_dim}-d embeddings")
         rows += [("vision tower", info["vision"]), ("text tower", info["text"])]
     else:
         info["num_classes"] = int(getattr(model.cfg, "num_classes", 0))

@@ -105,6 +105,11 @@ class CLIPModel(PretrainedMixin, nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
+    def summary(self) -> str:
+        """One line naming the model, as the ViT's and Swin's `summary` (PretrainedMixin's needs a cfg.summary)."""
+        return (f"{self.kind.upper()}: image and text towers, {self.cfg.embed_dim}-d embeddings "
+                f"({self.num_params() / 1e6:.2f}M params)")
+
     # ---- save / load (config.json + model.safetensors; from_pretrained comes from PretrainedMixin) -----
     def save_pretrained(self, directory: str | Path, *, tokenizer=None, preprocess=None) -> Path:
         """Also store the tokenizer and preprocessing settings in config.json.
