@@ -88,7 +88,7 @@ def test_zeroshot_on_a_hugging_face_dir_matches_transformers(tmp_path, capsys):
 
 def test_train_clip_few_steps_writes_a_usable_dir(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train-clip", "--loss", "clip", "--batch-size", "32", "--max-steps", "3", "--time-budget", "5",
+    rc = main(["train-clip", "--loss", "clip", "--batch-size", "32", "--max-steps", "3", "--time-budget", "120",
                "--data", str(cifar_dir), "--train-subset", "500", "--test-subset", "100", "--out", str(out),
                "--no-progress"])
     assert rc == 0
