@@ -2,13 +2,17 @@
 
     python benchmarks/cifar10_time_to_accuracy.py [RECIPE ...] [--set KEY=VALUE ...] [--tag NAME]
     python benchmarks/cifar10_time_to_accuracy.py --ablation fast --minutes 5
+    python benchmarks/cifar10_time_to_accuracy.py sprint --ref-minutes 3
 
 Each run is `vitlab train --recipe NAME` in a fresh process, as a user starts it, so its time budget and
 the times here count from the process start (imports, data loading, evaluations, saving and a
 distillation teacher's training all included). A threshold's time is the end of the first epoch whose
 test top-1 reaches it (metrics.jsonl `elapsed_s`); the final top-1 is reported without and, where the
 recipe asks for it, with test-time augmentation. `--ablation BASE` runs BASE and then each lever of
-issue 12 switched on alone over it, all at the same `--minutes` budget, and tabulates the deltas.
+issue 12 (or those named by `--only`) switched on alone over it, all at the same `--minutes` budget, and
+tabulates the deltas; `--base-run DIR --base-peak N` reads the base from a finished run of the same command
+(the vitlab run of `BASE --peers --minutes M`) instead of training it again. `--ref-minutes N` gives each
+recipe a budget of N reference minutes: N x 821 / the bf16 peak measured just before it, in wall minutes.
 `RECIPE --peers --minutes M` runs the recipe, then timm's VisionTransformer of the same width and depth and a
 32 px ResNet-18 in the plain PyTorch loop of benchmarks/peers.py, each for M minutes in its own process, back to
 back on this machine, and reports vitlab's lead over the timm ViT in points (ViT recipes only).
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 from results_md import RESULTS_MD, append_rows, table_row
 
-from vitlab.bench import matmul_peak, reference_minutes, run_mfu
+from vitlab.bench import matmul_peak, reference_minutes, run_mfu, wall_minutes_for
 from vitlab.model import VisionTransformer, ViTConfig, model_class, model_config
 from vitlab.train.resize import ResizeSchedule
 
@@ -57,6 +61,11 @@ LEVERS = {
     "ema 0.999": ["--ema", "0.999"],
     "linear decay": ["--decay", "linear"],
     "tta flip-translate": ["--tta", "flip-translate"],
+    # issue 21's levers for the 15-minute ablation over `fast` (distillation and EMA are above)
+    "trivialaugment": ["--policy", "trivial"],
+    "randaugment": ["--policy", "randaug"],
+    "one-cycle": ["--decay", "onecycle"],
+    "wider conv stem (64, 128)": ["--model-arg", "stem_channels=64,128"],
 }
 
 
@@ -104,6 +113,13 @@ def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None, peak:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
+    return {**read_run(run_dir, recipe=recipe, flags=flags, command=" ".join(["vitlab", *cmd[3:]]), wall_s=wall,
+                       peak_gflops=peak_gflops), "peak_measured": not peak}
+
+
+def read_run(run_dir: Path, *, recipe: str, flags: list[str], command: str, wall_s: float | None,
+             peak_gflops: float) -> dict:
+    """The numbers of a finished run dir, with reference minutes and MFU against `peak_gflops`."""
     rows = read_rows(run_dir / "metrics.jsonl")
     record = json.loads((run_dir / "train_config.json").read_text())
     final = rows[-1]
@@ -111,16 +127,17 @@ def run(recipe: str, flags: list[str], *, run_dir: Path, data: str | None, peak:
     teacher_rows = read_rows(teacher) if teacher.is_file() else []
     to = {f"{round(t * 100)}%": minutes_to(rows, t) for t in THRESHOLDS}
     return {
-        "recipe": recipe, "flags": flags, "command": " ".join(["vitlab", *cmd[3:]]),
+        "recipe": recipe, "flags": flags, "command": command,
         "minutes_to": to,
-        "peak_gflops": round(peak_gflops, 1), "peak_measured": not peak,
+        "peak_gflops": round(peak_gflops, 1),
         "reference_minutes": round(reference_minutes(final["elapsed_s"] / 60, peak_gflops), 2),
         "reference_minutes_to": {k: None if v is None else round(reference_minutes(v, peak_gflops), 2)
                                  for k, v in to.items()},
         "mfu": round(mfu_of(record, rows, peak_gflops), 4),
         "final_test_top1": final["test_top1"], "final_test_top1_tta": final.get("test_top1_tta"),
         "final_test_top5": final["test_top5"], "best_test_top1": max(r["test_top1"] for r in rows),
-        "epochs": final["epoch"], "steps": final["step"], "wall_minutes": round(wall / 60, 2),
+        "epochs": final["epoch"], "steps": final["step"],
+        "wall_minutes": round((wall_s if wall_s is not None else final["elapsed_s"]) / 60, 2),
         "run_minutes": round(final["elapsed_s"] / 60, 2),
         "train_images_per_sec": round(statistics.median(r["images_per_sec"] for r in rows), 1),
         "teacher_minutes": round(teacher_rows[-1]["elapsed_s"] / 60, 2) if teacher_rows else None,
@@ -260,6 +277,13 @@ def main() -> None:
                     help="RECIPE, timm's ViT of its width and depth and a 32 px ResNet-18, --minutes each")
     ap.add_argument("--peer-lr", type=float, help="--peers: the peers' AdamW learning rate (default 1e-3)")
     ap.add_argument("--only", action="append", default=[], help="ablation: only these levers (repeatable)")
+    ap.add_argument("--base-run", type=Path, metavar="DIR",
+                    help="ablation: the base is this finished run of BASE at --minutes (e.g. the vitlab run of "
+                         "`BASE --peers --minutes M`), read, not trained again; with --base-peak")
+    ap.add_argument("--base-peak", type=float, metavar="GFLOPS", help="--base-run: the peak measured beside it")
+    ap.add_argument("--ref-minutes", type=float, metavar="N",
+                    help="recipes: a time budget of N reference minutes, i.e. N x 821 / this machine's bf16 peak "
+                         "(measured just before each run) wall minutes")
     ap.add_argument("--tag", default="", help="a label for the runs and rows")
     ap.add_argument("--data", help="CIFAR-10 directory (default: $VITLAB_DATA, else the cache)")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
@@ -270,6 +294,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.peak is not None and args.peak <= 0:
         ap.error("--peak must be a positive GFLOP/s figure (vitlab bench --peak measures it)")
+    if args.base_run is not None and not (args.ablation and args.base_peak and
+                                          (args.base_run / "metrics.jsonl").is_file()):
+        ap.error("--base-run DIR needs --ablation, --base-peak and a finished run in DIR (its metrics.jsonl)")
     extra = [part for item in args.set for part in ("--" + item.partition("=")[0], item.partition("=")[2])]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,8 +318,15 @@ def main() -> None:
         return
     if args.ablation:
         base_flags = ["--time-budget", f"{args.minutes:g}", *extra]
+        unknown = [k for k in args.only if k not in LEVERS]
+        if unknown:
+            ap.error(f"unknown lever(s) {', '.join(map(repr, unknown))}; choose from {', '.join(LEVERS)}")
         cases = {"(base)": []} | {k: v for k, v in LEVERS.items() if not args.only or k in args.only}
         results = {}
+        if args.base_run is not None:
+            del cases["(base)"]
+            results["(base)"] = read_run(args.base_run, recipe=args.ablation, flags=base_flags, wall_s=None,
+                                         command=f"the run in {args.base_run}", peak_gflops=args.base_peak)
         for name, flags in cases.items():
             slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace(">", "")
             results[name] = run(args.ablation, base_flags + flags, run_dir=args.runs_dir / f"ablation-{stamp}-{slug}",
@@ -314,7 +348,12 @@ def main() -> None:
         append_rows(rows, args.results)
         return
     for recipe in args.recipes:
-        res = run(recipe, extra, run_dir=args.runs_dir / f"{recipe}-{stamp}", data=args.data, peak=args.peak)
+        peak, budget = args.peak, []
+        if args.ref_minutes:  # the budget follows the peak measured now
+            peak = bf16_peak(args.peak)
+            budget = ["--time-budget", f"{wall_minutes_for(args.ref_minutes, peak):.2f}"]
+        res = run(recipe, extra + budget, run_dir=args.runs_dir / f"{recipe}-{stamp}", data=args.data, peak=peak)
+        res["peak_measured"] = not args.peak
         res.update(env, benchmark="cifar10_time_to_accuracy", date=stamp)
         out = args.out_dir / f"cifar10_time_to_accuracy-{recipe}-{stamp}.json"
         out.write_text(json.dumps(res, indent=2) + "\n")

@@ -57,6 +57,12 @@ def reference_minutes(wall_minutes: float, peak_gflops: float, ref: float = REFE
     return wall_minutes * peak_gflops / ref
 
 
+def wall_minutes_for(reference: float, peak_gflops: float, ref: float = REFERENCE_PEAK_GFLOPS) -> float:
+    """The wall minutes that make `reference` reference minutes on a machine of `peak_gflops` (the inverse of
+    `reference_minutes`): a budget of 3 reference minutes is 6.4 wall minutes at 385 GFLOP/s."""
+    return reference * ref / peak_gflops
+
+
 def run_mfu(cfg, rows: list[dict], *, batch_size: int, peak_gflops: float,
             size_at: Callable[[int], int] | None = None) -> float:
     """MFU of a run's training steps from its metrics rows (`step`, `images_per_sec` per epoch): the model FLOPs

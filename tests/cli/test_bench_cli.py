@@ -89,6 +89,9 @@ def test_reference_minutes_scale_by_the_peak():
     assert bench.reference_minutes(10.0, 1642.0, ref=821.0) == pytest.approx(20.0)
     with pytest.raises(ValueError):
         bench.reference_minutes(1.0, 0.0)
+    # the inverse: the wall budget for 3 reference minutes on the 385 GFLOP/s machine, and back
+    assert bench.wall_minutes_for(3.0, 385.0) == pytest.approx(3.0 * 821 / 385)
+    assert bench.reference_minutes(bench.wall_minutes_for(3.0, 385.0), 385.0) == pytest.approx(3.0)
 
 
 def test_bench_peak_json_from_an_injected_clock(monkeypatch, capsys):

@@ -76,6 +76,16 @@ def test_train_flags_override_only_the_fields_given():
     assert untouched == RECIPES["fast"]
 
 
+def test_model_arg_values_are_typed_and_a_comma_makes_a_list():
+    args = subparser("train").parse_args(["--model-arg", "stem_channels=64,128", "--model-arg", "qkv_bias=false",
+                                          "--model-arg", "dropout=0.1", "--model-arg", "pooling=gap"])
+    config = resolve_recipe("fast", **given(args, TrainConfig))
+    assert config.model_args == {"stem_channels": [64, 128], "qkv_bias": False, "dropout": 0.1, "pooling": "gap"}
+    from vitlab.model import model_config
+
+    assert model_config(config.model, **config.model_args).conv_stem_channels == (64, 128)
+
+
 def test_train_clip_flags_and_old_names():
     p = subparser("train-clip")
     args = p.parse_args(["--train-limit", "100", "--eval-limit", "50", "--templates", "a {}.", "the {}.",

@@ -226,6 +226,17 @@ def test_time_budget_follows_a_drifting_machine(tmp_path, cifar_dir, monkeypatch
     assert 0.95 * 120 <= end <= 120, (end, res.final)
 
 
+def test_onecycle_rises_over_two_fifths_of_the_run_whatever_warmup_epochs_says(tmp_path, cifar_dir):
+    task = ClassifyTask(resolve_recipe("tutorial", **{**TINY, "decay": "onecycle", "warmup_epochs": 1, "epochs": 5}),
+                        device=torch.device("cpu"), data=cifar_dir)
+    trainer = Trainer(task, tmp_path / "r", record={}, progress=False, log=lambda s: None)
+    total = 5 * trainer.steps_per_epoch
+    assert trainer.total_steps == total
+    assert trainer.schedule.warmup_steps == round(0.4 * total) > trainer.steps_per_epoch
+    trainer.set_total_steps(30)  # a time budget's re-plan keeps the share
+    assert trainer.warmup_steps(30) == 12
+
+
 def test_existing_run_dir_is_refused(tmp_path, cifar_dir):
     tiny_run(tmp_path / "r", cifar_dir, epochs=1)
     with pytest.raises(ValueError, match="already holds a run"):

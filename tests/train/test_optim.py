@@ -75,6 +75,20 @@ def test_warmup_cosine_no_warmup_and_apply():
     assert all(g["lr"] == pytest.approx(1e-3) for g in opt.param_groups)
 
 
+def test_onecycle_is_convmixers_piecewise_linear_schedule():
+    """ConvMixer's CIFAR schedule (np.interp over [0, 2/5, 4/5, 1] of the run -> [0, lr, lr/20, 0]) when the
+    warmup is 2/5 of the run, as the Trainer gives it; a floor lifts the fall as for the other decays."""
+    import numpy as np
+
+    T, lr = 100, 0.01
+    s = WarmupCosine(base_lr=lr, total_steps=T, warmup_steps=40, decay="onecycle")
+    for step in range(40, T + 1):
+        assert s(step) == pytest.approx(float(np.interp(step, [40, 80, 100], [lr, lr / 20, 0.0])), abs=1e-12), step
+    assert s(39) == pytest.approx(lr) and s(19) == pytest.approx(lr / 2)  # the rise, as for the other decays
+    floored = WarmupCosine(base_lr=1.0, total_steps=T, warmup_steps=40, min_lr=0.1, decay="onecycle")
+    assert floored(80) == pytest.approx(0.1 + 0.9 / 20) and floored(100) == pytest.approx(0.1)
+
+
 def test_adamw_is_fused_on_cpu_and_steps_as_the_plain_one():
     """The fused AdamW `create_optimizer` picks gives the for-loop AdamW's weights, step after step, given the
     same gradients (from a model's own backward they differ in the last bits, which Adam amplifies where the true

@@ -74,24 +74,27 @@ def given(args: argparse.Namespace, cls: type, *, augment: tuple[str, ...] | Non
 
 
 def parse_key_values(items: list[str], name: str = "--model-args") -> dict:
-    """["width=128", "qkv_bias=false"] -> {"width": 128, "qkv_bias": False}."""
+    """["width=128", "qkv_bias=false", "stem_channels=64,128"] -> {"width": 128, "qkv_bias": False,
+    "stem_channels": [64, 128]}: a comma makes a list."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise VitlabError(f"{name} wants KEY=VALUE, got {item!r}")
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-        elif low in ("none", "null"):
-            out[key] = None
-        else:
-            for cast in (int, float):
-                try:
-                    out[key] = cast(value)
-                    break
-                except ValueError:
-                    continue
-            else:
-                out[key] = value
+        out[key] = [parse_value(v) for v in value.split(",")] if "," in value else parse_value(value)
     return out
+
+
+def parse_value(value: str):
+    """"true" -> True, "none" -> None, "12" -> 12, "0.5" -> 0.5, anything else the string."""
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            continue
+    return value

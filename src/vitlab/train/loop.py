@@ -50,7 +50,7 @@ from vitlab.train.ema import ModelEma
 from vitlab.train.guard import LR_FACTOR, Decision, DivergedError, NonFiniteGuard, claim_run_dir, describe_stop
 from vitlab.train.lock import UnstartedRun
 from vitlab.train.metrics import STEPS, MetricsLog
-from vitlab.train.optim import WarmupCosine, create_optimizer
+from vitlab.train.optim import ONECYCLE_WARMUP, WarmupCosine, create_optimizer
 from vitlab.train.parallel import (
     agreed,
     batch_sizes,
@@ -219,6 +219,8 @@ class Trainer:
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
     def warmup_steps(self, total: int) -> int:
+        if self.config.decay == "onecycle":  # its rise is a share of the run, whatever the run's length
+            return round(ONECYCLE_WARMUP * total)
         warmup = min(round(self.config.warmup_epochs * self.steps_per_epoch), total)
         return min(warmup, total // 5) if self.config.time_budget else warmup  # a budget may cut the run short
 

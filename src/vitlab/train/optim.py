@@ -90,7 +90,8 @@ def layers_of(model: nn.Module) -> tuple[int, Callable[[str], int]]:
 
 
 OPTIMIZERS = ("adamw", "muon")
-DECAYS = ("cosine", "linear")
+DECAYS = ("cosine", "linear", "onecycle")
+ONECYCLE_WARMUP = 0.4  # one-cycle: the rise takes 2/5 of the run, the fall to lr/20 the next 2/5 (ConvMixer)
 
 
 def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
@@ -226,7 +227,10 @@ class WarmupCosine:
       s <  W: base_lr * (s + 1) / W             (the first step already moves; step W-1 is at base_lr)
       s >= W: min_lr + (base_lr - min_lr) * (1 + cos(pi * p)) / 2    (decay "cosine")
               min_lr + (base_lr - min_lr) * (1 - p)                  (decay "linear", Li et al. 2020)
-    so the decay starts at base_lr at s = W and would reach min_lr one step after the last.
+              min_lr + (base_lr - min_lr) * piecewise-linear 1 -> 1/20 at p = 2/3 -> 0   (decay "onecycle")
+    so the decay starts at base_lr at s = W and would reach min_lr one step after the last. "onecycle" is
+    ConvMixer's CIFAR schedule (Trockman & Kolter 2022: 0 -> lr at 2/5 of the run -> lr/20 at 4/5 -> 0) when
+    W is 2/5 of total_steps, which the Trainer gives it (`ONECYCLE_WARMUP`).
     A pure function of the step: resuming only needs the step count.
     """
 
@@ -241,7 +245,12 @@ class WarmupCosine:
         if step < W:
             return self.base_lr * (step + 1) / W
         p = min((step - W) / max(T - W, 1), 1.0)
-        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if self.decay == "cosine" else 1.0 - p
+        if self.decay == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * p))
+        elif self.decay == "onecycle":  # the knee (2/3 of the fall) is 4/5 of the run when W is 2/5 of it
+            shape = 1.0 - (1.0 - 1 / 20) * p * 1.5 if p <= 2 / 3 else (1 / 20) * (1.0 - p) * 3.0
+        else:
+            shape = 1.0 - p
         return self.min_lr + (self.base_lr - self.min_lr) * shape
 
     def state_dict(self) -> dict:

@@ -66,8 +66,9 @@ class RunConfig:
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw | muon (torch's Muon for the hidden matrices, q/k/v apart; AdamW for the rest)"})
     decay: str = field(default="cosine", metadata={
-        "help": "cosine | linear: the learning rate's decay to --min-lr after warmup (linear: robust under a "
-                "time budget)"})
+        "help": "cosine | linear | onecycle: the learning rate's decay to --min-lr after warmup (linear: robust "
+                "under a time budget; onecycle: ConvMixer's, up to --lr over the first 2/5 of the run in place of "
+                "--warmup-epochs, down to lr/20 at 4/5, then to --min-lr)"})
     # ---- execution -------------------------------------------------------------------------------------
     precision: str = field(default="auto", metadata={
         "help": f"{' | '.join(PRECISIONS)}: bf16 = autocast; auto = bf16-pure on CPUs with bf16 matmuls, bf16 "
