@@ -9,11 +9,12 @@ the first 10% of the steps then a cosine to zero at the last planned step, rando
 flip, cross-entropy with label smoothing 0.1, batch 256. Precision: a short probe times a few steps in fp32
 and in bf16 autocast, on a copy of the model, and the run trains in the faster one. The number of steps is
 planned from the probe's step time so that the cosine ends at the clock, leaving the time of one evaluation
-(forward ~ 1/3 of a training step); the loop also stops when the clock says so. Time counts from the process
-start, data loading, probe and the final evaluation on the full test set included, as `vitlab train`
-counts. Data: the same uint8 CIFAR-10 tensors and the same batched crop + flip vitlab uses (equal to
-torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip image by image), so the loader is not what
-differs.
+(forward ~ 1/3 of a training step), and re-planned at every epoch's end from that epoch's step time (a machine
+that speeds up after the probe would otherwise leave minutes unused); the loop also stops when the clock
+says so. Time counts from the process start, data loading, probe and the final evaluation on the full test
+set included, as `vitlab train` counts. Data: the same uint8 CIFAR-10 tensors and the same batched crop +
+flip vitlab uses (equal to torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip image by image), so
+the loader is not what differs.
 """
 
 from __future__ import annotations
@@ -134,19 +135,29 @@ def train_peer(name: str, build: Callable[[], nn.Module], *, minutes: float, dat
     step_s = probe[precision]
     eval_s = step_s * len(test) / batch_size / 3  # a forward pass is about a third of a training step
     steps_per_epoch = len(train) // batch_size
-    total = max(1, int((budget_s - (clock() - t0) - eval_s) / step_s))
-    total = min(total, max_steps) if max_steps else total
+
+    def steps_that_fit(now: float, step: int, step_s: float) -> int:
+        fit = step + max(0, int((budget_s - (now - t0) - eval_s) / step_s))
+        return max(1, min(fit, max_steps) if max_steps else fit)
+
+    planned = total = steps_that_fit(clock(), 0, step_s)
     warm = max(1, round(warmup * total))
     opt = make_opt(model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+
+    def lr_factor(s: int) -> float:  # reads `total` when called: a re-plan moves the end of the cosine
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, probe "
         f"{', '.join(f'{k} {v:.3f} s/step' for k, v in probe.items())} -> {precision}; {total} steps planned")
 
     model.train()
     step, t_train = 0, clock()
-    while step < total and clock() - t0 + eval_s < budget_s:
-        order = torch.randperm(len(train), generator=g)
+    now = t_epoch = t_train
+    while step < total and now - t0 + eval_s < budget_s:
+        order, first = torch.randperm(len(train), generator=g), step
         for i in range(steps_per_epoch):
             if step >= total or clock() - t0 + eval_s >= budget_s:
                 break
@@ -156,9 +167,14 @@ def train_peer(name: str, build: Callable[[], nn.Module], *, minutes: float, dat
             step += 1
             if step % 50 == 0:
                 log(f"{name}: step {step}/{total}  loss {loss.item():.3f}  {(clock() - t0) / 60:.1f} min")
+        now = clock()
+        if step > first:  # re-plan from the epoch's step time, as vitlab's --time-budget does: the cosine ends at
+            total = steps_that_fit(now, step, (now - t_epoch) / (step - first))  # the clock if the machine drifts
+        t_epoch = now
     train_s = clock() - t_train
     top1 = evaluate(model, test, precision)
-    return {"name": name, "top1": top1, "steps": step, "planned_steps": total, "epochs": step / steps_per_epoch,
+    return {"name": name, "top1": top1, "steps": step, "planned_steps": planned, "final_planned_steps": total,
+            "epochs": step / steps_per_epoch,
             "img_per_s": round(step * batch_size / max(train_s, 1e-9), 1), "minutes": round((clock() - t0) / 60, 3),
             "budget_minutes": minutes, "precision": precision, "probe_step_s": probe, "batch_size": batch_size,
             "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,

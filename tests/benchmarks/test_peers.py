@@ -71,6 +71,26 @@ def test_the_clock_stops_a_run_slower_than_planned():
     # then 5 s a reading: t_train 10; epoch 1: 15 (while), 20, 25, 30, 35 (4 steps); epoch 2: 40 (while), 45, 50,
     # 55 (55 + eval_s < 60: 3 steps), 60 stops: 7 steps of the 54 planned
     assert entry["steps"] == 7 < entry["planned_steps"]
+    # the re-plan at epoch 1's end (35: 4 steps in 25 s) left room for 3 more; at epoch 2's end for none
+    assert entry["final_planned_steps"] == 7
+
+
+def test_a_machine_that_speeds_up_is_replanned_to_use_its_minutes():
+    """1 s per reading while probing, 0.5 s once training starts: the probe's plan (54 steps) would end the
+    run at about 37 s of its 60; the re-plan at each epoch's end stretches the cosine to the clock."""
+    now, tick = [0.0], [1.0]
+
+    def clock():
+        now[0] += tick[0]
+        return now[0]
+
+    def log(msg):
+        if "planned" in msg:
+            tick[0] = 0.5
+    entry = peers.train_peer("peer", tiny_vit, minutes=1, train=fake(64, 0), test=fake(32, 1), batch_size=16,
+                             probe_steps=1, clock=clock, started_at=0.0, log=log)
+    assert entry["planned_steps"] == 54 and entry["steps"] == entry["final_planned_steps"] > 54
+    assert 55 <= entry["minutes"] * 60 <= 61  # the clock read twice more after the loop, 0.5 s each
 
 
 def test_peers_file_has_one_entry_per_run_and_the_lead(tmp_path, tiny_cifar):

@@ -50,7 +50,7 @@ from vitlab.train.ema import ModelEma
 from vitlab.train.guard import LR_FACTOR, Decision, DivergedError, NonFiniteGuard, claim_run_dir, describe_stop
 from vitlab.train.lock import UnstartedRun
 from vitlab.train.metrics import STEPS, MetricsLog
-from vitlab.train.optim import ONECYCLE_WARMUP, WarmupCosine, create_optimizer
+from vitlab.train.optim import WarmupCosine, create_optimizer, warmup_steps
 from vitlab.train.parallel import (
     agreed,
     batch_sizes,
@@ -219,10 +219,7 @@ class Trainer:
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
     def warmup_steps(self, total: int) -> int:
-        if self.config.decay == "onecycle":  # its rise is a share of the run, whatever the run's length
-            return round(ONECYCLE_WARMUP * total)
-        warmup = min(round(self.config.warmup_epochs * self.steps_per_epoch), total)
-        return min(warmup, total // 5) if self.config.time_budget else warmup  # a budget may cut the run short
+        return warmup_steps(self.config, total, self.steps_per_epoch)
 
     def set_total_steps(self, total: int) -> None:
         """Move the end of the run (and of the cosine, and of the task's schedules) to step `total`."""

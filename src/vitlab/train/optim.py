@@ -219,6 +219,15 @@ class OptimizerGroup:
             offset += n
 
 
+def warmup_steps(config, total: int, steps_per_epoch: int) -> int:
+    """The warmup of a run of `total` steps: config.warmup_epochs (at most a fifth of a time budget's run, which
+    may end sooner than planned), or the first 2/5 of the run for the one-cycle schedule."""
+    if config.decay == "onecycle":  # its rise is a share of the run, whatever the run's length
+        return round(ONECYCLE_WARMUP * total)
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), total)
+    return min(warmup, total // 5) if config.time_budget else warmup
+
+
 @dataclass(frozen=True)
 class WarmupCosine:
     """Learning rate per optimizer step: linear warmup to `base_lr`, then cosine (or linear) down to `min_lr`.
