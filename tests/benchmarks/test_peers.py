@@ -51,9 +51,9 @@ def test_resnet18_is_adapted_to_32px():
     assert feats.shape[-1] == 4  # 32 px / 8 (three stride-2 stages), not / 32 as at ImageNet's stem
 
 
-def test_the_clock_stops_a_run_slower_than_planned():
-    """An injected clock: 1 s per reading while probing and planning, 5 s once training starts (the machine
-    slowed down): the loop stops by the clock, before the planned steps, leaving the evaluation's time."""
+def run_on_a_ticking_clock(after_plan_s: float) -> dict:
+    """A peer run for 1 minute on an injected clock that advances 1 s per reading while probing and planning,
+    then `after_plan_s` per reading (the machine changed speed after the probe)."""
     now, tick = [0.0], [1.0]
 
     def clock():
@@ -62,33 +62,27 @@ def test_the_clock_stops_a_run_slower_than_planned():
 
     def log(msg):
         if "planned" in msg:
-            tick[0] = 5.0
-    entry = peers.train_peer("peer", tiny_vit, minutes=1, train=fake(64, 0), test=fake(32, 1), batch_size=16,
-                             probe_steps=1, clock=clock, started_at=0.0, log=log)
+            tick[0] = after_plan_s
+    return peers.train_peer("peer", tiny_vit, minutes=1, train=fake(64, 0), test=fake(32, 1), batch_size=16,
+                            probe_steps=1, clock=clock, started_at=0.0, log=log)
+
+
+def test_the_clock_stops_a_run_slower_than_planned():
+    """5 s a reading once training starts: the loop stops by the clock, before the planned steps, leaving the
+    evaluation's time."""
+    entry = run_on_a_ticking_clock(5.0)
     eval_s = 1.0 * 32 / 16 / 3  # a probed step of 1 s (two readings 1 s apart), 32 test images in batches of 16
     assert entry["probe_step_s"] == {"fp32": 1.0, "bf16": 1.0} and entry["precision"] == "fp32"  # a tie: fp32
     assert entry["planned_steps"] == int(60 - 5 - eval_s)  # planned at reading 5 (4 probe readings before it)
-    # then 5 s a reading: t_train 10; epoch 1: 15 (while), 20, 25, 30, 35 (4 steps); epoch 2: 40 (while), 45, 50,
-    # 55 (55 + eval_s < 60: 3 steps), 60 stops: 7 steps of the 54 planned
-    assert entry["steps"] == 7 < entry["planned_steps"]
-    # the re-plan at epoch 1's end (35: 4 steps in 25 s) left room for 3 more; at epoch 2's end for none
-    assert entry["final_planned_steps"] == 7
+    # then 5 s a reading: t_train 10; epoch 1: 15, 20, 25, 30 (4 steps), its end 35; the re-plan (25 s for 4
+    # steps) leaves room for 3 more: 40, 45, 50; 7 steps of the 54 planned
+    assert entry["steps"] == 7 < entry["planned_steps"] and entry["final_planned_steps"] == 7
 
 
 def test_a_machine_that_speeds_up_is_replanned_to_use_its_minutes():
-    """1 s per reading while probing, 0.5 s once training starts: the probe's plan (54 steps) would end the
-    run at about 37 s of its 60; the re-plan at each epoch's end stretches the cosine to the clock."""
-    now, tick = [0.0], [1.0]
-
-    def clock():
-        now[0] += tick[0]
-        return now[0]
-
-    def log(msg):
-        if "planned" in msg:
-            tick[0] = 0.5
-    entry = peers.train_peer("peer", tiny_vit, minutes=1, train=fake(64, 0), test=fake(32, 1), batch_size=16,
-                             probe_steps=1, clock=clock, started_at=0.0, log=log)
+    """0.5 s a reading once training starts: the probe's plan (54 steps) would end the run at about 37 s of its
+    60; the re-plan at each epoch's end stretches the cosine to the clock."""
+    entry = run_on_a_ticking_clock(0.5)
     assert entry["planned_steps"] == 54 and entry["steps"] == entry["final_planned_steps"] > 54
     assert 55 <= entry["minutes"] * 60 <= 61  # the clock read twice more after the loop, 0.5 s each
 
