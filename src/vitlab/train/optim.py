@@ -257,7 +257,8 @@ class WarmupCosine:
         if self.decay == "cosine":
             shape = 0.5 * (1.0 + math.cos(math.pi * p))
         elif self.decay == "onecycle":  # the knee (2/3 of the fall) is 4/5 of the run when W is 2/5 of it
-            shape = 1.0 - (1.0 - 1 / 20) * p * 1.5 if p <= 2 / 3 else (1 / 20) * (1.0 - p) * 3.0
+            knee, floor = 2 / 3, 1 / 20
+            shape = 1.0 - (1.0 - floor) * p / knee if p <= knee else floor * (1.0 - p) / (1.0 - knee)
         else:
             shape = 1.0 - p
         return self.min_lr + (self.base_lr - self.min_lr) * shape
